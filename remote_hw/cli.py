@@ -1,0 +1,146 @@
+"""The ``remote-hw`` command line.
+
+Every argument error names the argument and exits with status 2 (argparse's own
+convention); run-time failures (a server that cannot be reached) exit with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Callable, Sequence
+
+from remote_hw import __version__
+from remote_hw.config import (ConfigError, parse_address, parse_device, parse_map,
+                              parse_server, parse_size)
+
+
+def _typed(fn: Callable[[str], object]) -> Callable[[str], object]:
+    """Turn a ConfigError into argparse's 'argument --x: ...' message and exit 2."""
+    def convert(text: str) -> object:
+        try:
+            return fn(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = fn.__name__.removeprefix("parse_")
+    return convert
+
+
+def _vm_id(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= value <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1-4294967295")
+    return value
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        format="remote-hw %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="remote-hw",
+        description="Let KVM guests use devices that live on other machines, at register "
+                    "level.")
+    p.add_argument("--version", action="version", version=f"remote-hw {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="how much to log on stderr (default: info)")
+
+    s = sub.add_parser("server", help="serve software devices to clients over TCP",
+                       description="Serve software devices to clients over TCP.")
+    s.add_argument("--listen", type=_typed(lambda t: parse_address(t, "listen address")),
+                   default=("127.0.0.1", 7700), metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:7700)")
+    s.add_argument("--server-id", type=_typed(_server_id), default="a", metavar="ID",
+                   help="this server's name in requests and maps (default: a)")
+    s.add_argument("--device", type=_typed(parse_device), action="append", default=[],
+                   metavar="ID=KIND[,backend=NAME:ARG][,shared]",
+                   help="a software device, e.g. uart0=uart16550,backend=tcp:127.0.0.1:7701 "
+                        "or rtc0=cmos-rtc; repeat for more")
+    s.add_argument("--trace", action="store_true",
+                   help="print every register access on stdout")
+    common(s)
+
+    v = sub.add_parser("vm", help="run one VM whose mapped devices live on servers",
+                       description="Run one KVM guest; mapped port/MMIO ranges are served "
+                                   "by remote servers.")
+    v.add_argument("--image", required=True, metavar="FILE",
+                   help="guest image: a raw boot-sector binary (loaded at 0x7c00, real "
+                        "mode) or an ELF file (32-bit: protected mode, 64-bit: long mode)")
+    v.add_argument("--vm-id", type=_vm_id, default=1, metavar="N",
+                   help="this VM's id in requests (default 1)")
+    v.add_argument("--server", type=_typed(parse_server), action="append", default=[],
+                   metavar="NAME=HOST:PORT", help="a server the maps refer to; repeat")
+    v.add_argument("--map", type=_typed(parse_map), action="append", default=[],
+                   metavar="port|mmio:START-END=SERVER/DEVICE[,irq=N]",
+                   help="send a guest range to a server's device; repeat")
+    v.add_argument("--memory", type=_typed(parse_size), default=2 << 20, metavar="SIZE",
+                   help="guest RAM (default 2M)")
+    v.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="how long one access may wait for its server (default 5)")
+    v.add_argument("--on-reset", choices=["stop", "restart"], default="stop",
+                   help="what a device's reset request does to the VM (default stop)")
+    common(v)
+
+    a = sub.add_parser("agent", help="run several VMs from a TOML file",
+                       description="Run the VMs described in a TOML file over one "
+                                   "connection per server (see docs/agent.md).")
+    a.add_argument("--config", required=True, metavar="FILE", help="the agent's TOML file")
+    a.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="how long one access may wait for its server (default 5)")
+    common(a)
+
+    d = sub.add_parser("demo", help="a local server and an echo VM on loopback",
+                       description="Start a server and a VM on loopback with a UART and an "
+                                   "RTC, run the echo guest, and show the traffic until "
+                                   "interrupted.")
+    d.add_argument("--listen", type=_typed(lambda t: parse_address(t, "listen address")),
+                   default=("127.0.0.1", 7700), metavar="HOST:PORT",
+                   help="the server's address (default 127.0.0.1:7700)")
+    d.add_argument("--uart-port", type=int, default=7701, metavar="PORT",
+                   help="TCP port where a person reaches the guest's serial port "
+                        "(default 7701; 0 picks a free one)")
+    d.add_argument("--image", metavar="FILE", default=None,
+                   help="guest image (default: the echo guest from guests/)")
+    d.add_argument("--quiet", action="store_true", help="do not print the traffic")
+    common(d)
+    return p
+
+
+def _server_id(text: str) -> str:
+    from remote_hw.config import check_ident
+    return check_ident(text, "server id")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    from remote_hw import commands
+    handler = getattr(commands, f"cmd_{args.command}")
+    return int(handler(args) or 0)
+
+
+def wait_for_signal(stop: threading.Event) -> None:
+    """Block until SIGINT/SIGTERM (or ``stop`` is set by someone else)."""
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    while not stop.wait(0.5):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

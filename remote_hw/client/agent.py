@@ -1,0 +1,224 @@
+"""The client agent: VMs, their links to servers, and routing by VM id.
+
+One agent process runs any number of VMs. It keeps one :class:`ServerLink` per
+server, shared by all VMs; each mapped guest range becomes a :class:`RemoteDevice` on
+the VM's bus. Interrupts and events that arrive on a link carry a VM id and a device
+id, and are delivered to exactly that VM's interrupt line.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from remote_hw.client.link import LinkError, ServerLink
+from remote_hw.client.vmm.bus import Bus
+from remote_hw.client.vmm.vm import Vm
+
+# Status of a VM whose guest crashed (the monitor raised VmError; its message, with the
+# registers, is in VmHandle.error).
+STATUS_CRASHED = 0x200
+from remote_hw.config import MapSpec, VmConfig
+from remote_hw.protocol.messages import AccessKind, Direction, Status
+
+log = logging.getLogger("remote_hw.client")
+
+_ALL_ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+_KIND = {"port": AccessKind.PORT, "mmio": AccessKind.MMIO}
+
+
+
+class RemoteDevice:
+    """A bus handler that forwards a mapped range's accesses to a server's device.
+
+    When the server cannot answer, the range behaves as a removed device: reads
+    return all ones, writes are dropped; the first failure and the recovery are logged.
+    """
+
+    __slots__ = ("link", "vm_id", "device", "server_id", "kind", "label", "failing",
+                 "forwarded")
+
+    def __init__(self, link: ServerLink, vm_id: int, spec: MapSpec) -> None:
+        self.link = link
+        self.vm_id = vm_id
+        self.device = spec.device
+        self.server_id = spec.server
+        self.kind = _KIND[spec.kind]
+        self.label = f"vm {vm_id}: {spec.server}/{spec.device}"
+        self.failing = False
+        self.forwarded = 0
+
+    def read(self, offset: int, size: int) -> int:
+        self.forwarded += 1
+        status, value = self.link.io(self.vm_id, self.device, self.kind, offset, size,
+                                     Direction.READ)
+        if status:
+            self._failed(status)
+            return _ALL_ONES[size]
+        if self.failing:
+            self._recovered()
+        return value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.forwarded += 1
+        status, _ = self.link.io(self.vm_id, self.device, self.kind, offset, size,
+                                 Direction.WRITE, value)
+        if status:
+            self._failed(status)
+        elif self.failing:
+            self._recovered()
+
+    def _failed(self, status: int) -> None:
+        if not self.failing:
+            self.failing = True
+            name = Status(status).name if status in Status._value2member_map_ else status
+            reason = f" ({self.link.down_reason})" if not self.link.up else ""
+            log.error("%s: device unavailable: %s%s; reads return all ones", self.label,
+                      name, reason)
+
+    def _recovered(self) -> None:
+        self.failing = False
+        log.warning("%s: device answers again", self.label)
+
+
+@dataclass
+class VmHandle:
+    """A VM the agent runs, with its maps and, once finished, its exit status."""
+
+    config: VmConfig
+    vm: Vm
+    devices: list[RemoteDevice] = field(default_factory=list)
+    status: int | None = None
+    error: str | None = None
+    thread: threading.Thread | None = None
+
+
+class Agent:
+    """Runs VMs whose mapped ranges are served by remote servers."""
+
+    def __init__(self, servers: dict[str, tuple[str, int]], *, timeout: float = 5.0,
+                 client_name: str = "agent",
+                 link_factory: Callable[..., ServerLink] = ServerLink) -> None:
+        # (server, vm id, device) -> (vm, guest irq): the delivery table for interrupts.
+        self._irq_routes: dict[tuple[str, int, str], tuple[Vm, int]] = {}
+        self.links: dict[str, ServerLink] = {
+            name: link_factory(name, addr, client_name=client_name, timeout=timeout,
+                               on_interrupt=self._interrupt_cb(name),
+                               on_event=self._event_cb(name))
+            for name, addr in servers.items()}
+        self.vms: dict[int, VmHandle] = {}
+        self._done = threading.Condition()
+
+    # -- set-up -----------------------------------------------------------------
+
+    def add_vm(self, config: VmConfig) -> VmHandle:
+        """Create the VM, load its image and map its ranges (not yet attached)."""
+        if config.vm_id in self.vms:
+            raise ValueError(f"vm id {config.vm_id} is used twice")
+        bus = Bus()
+        vm = Vm(mem_size=config.memory, bus=bus, name=f"vm{config.vm_id}",
+                reset_action="restart" if config.on_reset == "restart" else "exit")
+        try:
+            vm.load_image(config.image)
+            handle = VmHandle(config, vm)
+            for spec in config.maps:
+                link = self.links.get(spec.server)
+                if link is None:
+                    raise ValueError(f"vm {config.vm_id}: no server named {spec.server!r}")
+                dev = RemoteDevice(link, config.vm_id, spec)
+                if spec.kind == "port":
+                    bus.map_ports(spec.start, spec.end, dev)
+                else:
+                    bus.map_mmio(spec.start, spec.end, dev)
+                handle.devices.append(dev)
+                if spec.irq is not None:
+                    self._irq_routes[(spec.server, config.vm_id, spec.device)] = (vm, spec.irq)
+        except BaseException:
+            vm.close()
+            raise
+        self.vms[config.vm_id] = handle
+        return handle
+
+    def connect(self) -> None:
+        """Connect every link and attach every mapped device; raises with the reason."""
+        for link in self.links.values():
+            if not link.up:
+                link.connect()
+        for handle in self.vms.values():
+            for dev in handle.devices:
+                status = dev.link.attach(handle.config.vm_id, dev.device)
+                if status != Status.OK:
+                    raise LinkError(f"vm {handle.config.vm_id}: server {dev.server_id} "
+                                    f"refused device {dev.device!r}: {Status(status).name}")
+
+    # -- interrupts and events ------------------------------------------------------
+
+    def _interrupt_cb(self, server: str) -> Callable[[int, str, int, bool], None]:
+        routes = self._irq_routes
+
+        def deliver(vm_id: int, device: str, line: int, level: bool) -> None:
+            route = routes.get((server, vm_id, device))
+            if route is None:
+                log.warning("server %s sent an interrupt for vm %d device %s, which this "
+                            "agent does not route; dropped", server, vm_id, device)
+                return
+            vm, irq = route
+            vm.set_irq(irq, level)
+        return deliver
+
+    def _event_cb(self, server: str) -> Callable[[int, str, str], None]:
+        def deliver(vm_id: int, device: str, name: str) -> None:
+            handle = self.vms.get(vm_id)
+            if handle is None:
+                log.warning("server %s sent event %s for unknown vm %d", server, name, vm_id)
+                return
+            log.info("vm %d: %s/%s asks for %s", vm_id, server, device, name)
+            # The VM knows what a reset means for it (end or restart, from on_reset).
+            handle.vm.device_event(name)
+        return deliver
+
+    # -- running ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every VM in its own thread (connect() first)."""
+        for handle in self.vms.values():
+            t = threading.Thread(target=self._run_vm, args=(handle,),
+                                 name=f"vm-{handle.config.vm_id}", daemon=True)
+            handle.thread = t
+            t.start()
+
+    def _run_vm(self, handle: VmHandle) -> None:
+        try:
+            handle.status = handle.vm.run()
+        except Exception as e:  # a guest crash ends that VM only
+            handle.error = str(e)
+            handle.status = STATUS_CRASHED
+            log.error("vm %d: %s", handle.config.vm_id, e)
+        log.info("vm %d finished with status %d", handle.config.vm_id, handle.status)
+        with self._done:
+            self._done.notify_all()
+
+    def wait(self, timeout: float | None = None) -> dict[int, int | None]:
+        """Wait until every VM has finished (or the timeout); returns their statuses."""
+        with self._done:
+            self._done.wait_for(lambda: all(h.status is not None for h in self.vms.values()),
+                                timeout)
+        return {vm_id: h.status for vm_id, h in self.vms.items()}
+
+    def stop(self) -> None:
+        """Stop VMs that still run, detach, close links, release KVM resources."""
+        for handle in self.vms.values():
+            if handle.status is None:
+                handle.vm.stop(0)
+        for handle in self.vms.values():
+            if handle.thread is not None:
+                handle.thread.join(timeout=5)
+        for link in self.links.values():
+            if link.up:
+                for vm_id in self.vms:
+                    link.detach(vm_id)
+            link.close()
+        for handle in self.vms.values():
+            handle.vm.close()

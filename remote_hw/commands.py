@@ -1,0 +1,178 @@
+"""What each ``remote-hw`` subcommand does (argument parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+
+from remote_hw.cli import wait_for_signal
+from remote_hw.client.agent import Agent
+from remote_hw.client.link import LinkError
+from remote_hw.client.vmm.vm import STATUS_RESET, STATUS_STOPPED
+from remote_hw.config import ConfigError, DeviceSpec, VmConfig, load_agent_config, parse_map
+from remote_hw.guest_images import GuestBuildError, guest_image
+from remote_hw.protocol.messages import Direction
+
+log = logging.getLogger("remote_hw")
+
+
+def _usage_error(command: str, message: str) -> int:
+    print(f"remote-hw {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _trace_printer(out=sys.stdout):
+    """An access hook that prints one line per register access (the demo's display)."""
+    lock = threading.Lock()
+
+    def hook(client_id: int, vm_id: int, device: str, index: int, offset: int, size: int,
+             direction: int, value: int) -> None:
+        arrow = "R" if direction == Direction.READ else "W"
+        ch = ""
+        if size == 1 and 0x20 <= value < 0x7F:
+            ch = f" {chr(value)!r}"
+        with lock:
+            print(f"client {client_id} vm {vm_id} {device:>6} {arrow} +{offset} "
+                  f"= {value:#0{2 + 2 * size}x}{ch}", file=out, flush=True)
+    return hook
+
+
+def _start_server(listen: tuple[str, int], server_id: str, devices: list[DeviceSpec],
+                  trace: bool):
+    from remote_hw.server.controller import Controller
+    from remote_hw.server.net import Server
+    controller = Controller(server_id, devices)
+    if trace:
+        controller.access_hook = _trace_printer()
+    return Server(controller, *listen).start()
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    if not args.device:
+        log.warning("no --device given: this server holds no software devices")
+    try:
+        server = _start_server(args.listen, args.server_id, args.device, args.trace)
+    except (ValueError, OSError) as e:
+        return _usage_error("server", str(e)) if isinstance(e, ValueError) else \
+            _fail("server", f"cannot listen on {args.listen[0]}:{args.listen[1]}: {e}")
+    stop = threading.Event()
+    try:
+        wait_for_signal(stop)
+    finally:
+        server.stop()
+    return 0
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"remote-hw {command}: {message}", file=sys.stderr)
+    return 1
+
+
+def _run_agent(agent: Agent, command: str) -> int:
+    try:
+        agent.connect()
+    except LinkError as e:
+        agent.stop()
+        return _fail(command, str(e))
+    agent.start()
+    stop = threading.Event()
+
+    def watch() -> None:
+        agent.wait()
+        stop.set()
+    threading.Thread(target=watch, daemon=True).start()
+    wait_for_signal(stop)
+    statuses = agent.wait(timeout=0)
+    agent.stop()
+    if any(s is None for s in statuses.values()):
+        return 130  # interrupted before the guests finished
+    codes = [exit_code(h.status, h.error is not None) for h in agent.vms.values()]
+    return next((c for c in codes if c), 0)
+
+
+def exit_code(status: int | None, crashed: bool = False) -> int:
+    """The process exit code for a VM's status (docs/vmm.md lists the statuses).
+
+    A crashed guest gives 3, a reset request 4, a stopped VM 130; a debug-exit status
+    ``(v << 1) | 1`` is truncated to 8 bits, as a QEMU with isa-debug-exit would be.
+    """
+    if crashed:
+        return 3
+    if status is None or status == STATUS_STOPPED:
+        return 130
+    if status == STATUS_RESET:
+        return 4
+    return status & 0xFF
+
+
+def cmd_vm(args: argparse.Namespace) -> int:
+    servers = dict(args.server)
+    for spec in args.map:
+        if spec.server not in servers:
+            return _usage_error("vm", f"argument --map: server {spec.server!r} is not given "
+                                      "with --server NAME=HOST:PORT")
+    agent = Agent(servers, timeout=args.timeout, client_name=f"vm{args.vm_id}")
+    try:
+        agent.add_vm(VmConfig(args.vm_id, args.image, args.memory, list(args.map),
+                              args.on_reset))
+    except (OSError, ValueError) as e:
+        return _usage_error("vm", f"argument --image: {e}")
+    return _run_agent(agent, "vm")
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    try:
+        config = load_agent_config(args.config)
+    except ConfigError as e:
+        return _usage_error("agent", f"argument --config: {e}")
+    agent = Agent(config.servers, timeout=args.timeout, client_name="agent")
+    try:
+        for vm in config.vms:
+            agent.add_vm(vm)
+    except (OSError, ValueError) as e:
+        agent.stop()
+        return _usage_error("agent", f"argument --config: {e}")
+    return _run_agent(agent, "agent")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        image = args.image or str(guest_image("echo.bin"))
+    except GuestBuildError as e:
+        return _fail("demo", str(e))
+    host = args.listen[0]
+    devices = [DeviceSpec("uart0", "uart16550", backend=f"tcp:{host}:{args.uart_port}"),
+               DeviceSpec("rtc0", "cmos-rtc")]
+    try:
+        server = _start_server(args.listen, "a", devices, trace=not args.quiet)
+    except OSError as e:
+        return _fail("demo", f"cannot listen on {host}:{args.listen[1]}: {e}")
+    agent = Agent({"a": server.address}, client_name="demo")
+    try:
+        agent.add_vm(VmConfig(1, image, 2 << 20, [
+            parse_map("port:0x3f8-0x3ff=a/uart0,irq=4"),
+            parse_map("port:0x70-0x71=a/rtc0")]))
+        agent.connect()
+    except (OSError, ValueError, LinkError) as e:
+        agent.stop()
+        server.stop()
+        return _fail("demo", str(e))
+    uart = next(i for i in server.controller.instances() if i.spec.id == "uart0")
+    uart_host, uart_port = uart.backend.address  # type: ignore[union-attr]
+    print(f"remote-hw demo: server a on {server.address[0]}:{server.address[1]}, "
+          f"VM 1 runs {image}", flush=True)
+    print(f"remote-hw demo: the guest's serial port (COM1) is at tcp {uart_host}:{uart_port}",
+          flush=True)
+    print(f"remote-hw demo: connect with:  nc {uart_host} {uart_port}   "
+          "(type; the guest echoes; Ctrl-C here stops)", flush=True)
+    agent.start()
+    stop = threading.Event()
+    try:
+        wait_for_signal(stop)
+    finally:
+        agent.stop()
+        server.stop()
+    print("remote-hw demo: stopped", flush=True)
+    return 0

@@ -1,0 +1,222 @@
+"""Parsing of the textual specs people type: devices, maps, server addresses.
+
+Every parser raises :class:`ConfigError` with a message that names what is wrong; the
+CLI turns that into "argument --map: ..." and exit status 2, the agent's TOML loader
+into "FILE: vm 2: ...".
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_IDENT = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """A spec or configuration value is wrong; the message says which and why."""
+
+
+def check_ident(value: str, what: str) -> str:
+    """Return ``value`` if it is a valid identifier (1-64 of ``[A-Za-z0-9._-]``)."""
+    if not _IDENT.match(value):
+        raise ConfigError(f"{what} {value!r} must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    return value
+
+
+def parse_int(text: str, what: str) -> int:
+    """Parse decimal or 0x-hex; a clear error otherwise."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not a number (decimal or 0x-hex)") from None
+
+
+def parse_address(text: str, what: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{what} {text!r} must be HOST:PORT")
+    host = host.strip("[]")
+    port = parse_int(port_text, f"{what} port")
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what} port {port} is out of range 0-65535")
+    return host, port
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """Bytes with an optional K/M/G suffix (binary units)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", text, re.I)
+    if not m:
+        raise ConfigError(f"{what} {text!r} must be a number with an optional K, M or G suffix")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A software device a server holds: ``ID=KIND[,backend=NAME:ARG][,shared][,opt=val]``."""
+
+    id: str
+    kind: str
+    backend: str | None = None
+    shared: bool = False
+    options: dict[str, str] = field(default_factory=dict)
+
+
+def parse_device(text: str) -> DeviceSpec:
+    """Parse ``uart0=uart16550,backend=tcp:127.0.0.1:7701`` and friends."""
+    ident, sep, rest = text.partition("=")
+    if not sep or not rest:
+        raise ConfigError(f"{text!r} must be ID=KIND[,backend=...][,shared]")
+    check_ident(ident, "device id")
+    kind, *params = rest.split(",")
+    if not kind:
+        raise ConfigError(f"{text!r}: the device kind is missing")
+    backend = None
+    shared = False
+    options: dict[str, str] = {}
+    for p in params:
+        key, eq, value = p.partition("=")
+        if key == "backend":
+            if ":" not in value:
+                raise ConfigError(f"backend {value!r} must be NAME:ARG (e.g. tcp:127.0.0.1:7701)")
+            backend = value
+        elif key == "shared" and not eq:
+            shared = True
+        elif eq and key:
+            options[key] = value
+        else:
+            raise ConfigError(f"{text!r}: option {p!r} must be KEY=VALUE, 'shared' or backend=...")
+    return DeviceSpec(ident, kind, backend, shared, options)
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """A guest address range sent to a server's device: ``port:0x3f8-0x3ff=a/uart0,irq=4``."""
+
+    kind: str  # "port" or "mmio"
+    start: int
+    end: int  # inclusive
+    server: str
+    device: str
+    irq: int | None = None
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start + 1
+
+
+_MAP_LIMITS = {"port": 0xFFFF, "mmio": (1 << 64) - 1}
+
+
+def parse_map(text: str) -> MapSpec:
+    """Parse ``port:START-END=SERVER/DEVICE[,irq=N]`` or the ``mmio:`` form."""
+    m = re.fullmatch(r"(port|mmio):([^-=]+)-([^=]+)=([^/,]+)/([^,]+)((?:,[^,]+)*)", text)
+    if not m:
+        raise ConfigError(f"{text!r} must be port:START-END=SERVER/DEVICE[,irq=N] "
+                          "or mmio:START-END=SERVER/DEVICE[,irq=N]")
+    kind = m.group(1)
+    start = parse_int(m.group(2), "range start")
+    end = parse_int(m.group(3), "range end")
+    if not 0 <= start <= end <= _MAP_LIMITS[kind]:
+        raise ConfigError(f"{text!r}: range {start:#x}-{end:#x} is empty or outside {kind} space")
+    server = check_ident(m.group(4), "server id")
+    device = check_ident(m.group(5), "device id")
+    irq = None
+    for p in filter(None, m.group(6).split(",")):
+        key, _, value = p.partition("=")
+        if key != "irq":
+            raise ConfigError(f"{text!r}: unknown option {key!r} (only irq=N)")
+        irq = parse_int(value, "irq")
+        if not 0 <= irq <= 23:
+            raise ConfigError(f"{text!r}: irq {irq} is outside 0-23 (the IOAPIC's pins)")
+    return MapSpec(kind, start, end, server, device, irq)
+
+
+def parse_server(text: str) -> tuple[str, tuple[str, int]]:
+    """Parse ``NAME=HOST:PORT`` (a server the client may talk to)."""
+    name, sep, addr = text.partition("=")
+    if not sep:
+        raise ConfigError(f"{text!r} must be NAME=HOST:PORT")
+    return check_ident(name, "server name"), parse_address(addr, f"server {name}")
+
+
+@dataclass
+class VmConfig:
+    """One VM run by the agent."""
+
+    vm_id: int
+    image: str
+    memory: int = 2 << 20
+    maps: list[MapSpec] = field(default_factory=list)
+    on_reset: str = "stop"  # what an i8042 reset request does: "stop" or "restart"
+
+
+@dataclass
+class AgentConfig:
+    """The agent's TOML file: servers and VMs."""
+
+    servers: dict[str, tuple[str, int]]
+    vms: list[VmConfig]
+    tls: dict[str, str] = field(default_factory=dict)
+
+
+def _vm_from_table(t: dict[str, Any], where: str, base: Path) -> VmConfig:
+    known = {"id", "image", "memory", "map", "on_reset"}
+    extra = set(t) - known
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
+    if "id" not in t or "image" not in t:
+        raise ConfigError(f"{where}: 'id' and 'image' are required")
+    vm_id = t["id"]
+    if not isinstance(vm_id, int) or not 1 <= vm_id <= 0xFFFFFFFF:
+        raise ConfigError(f"{where}: id must be an integer 1-4294967295")
+    image = Path(str(t["image"]))
+    if not image.is_absolute():
+        image = base / image
+    maps = []
+    for i, m in enumerate(t.get("map", [])):
+        try:
+            maps.append(parse_map(str(m)))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: map {i + 1}: {e}") from None
+    on_reset = t.get("on_reset", "stop")
+    if on_reset not in ("stop", "restart"):
+        raise ConfigError(f"{where}: on_reset must be 'stop' or 'restart'")
+    return VmConfig(vm_id, str(image), parse_size(t.get("memory", "2M"), f"{where}: memory"),
+                    maps, on_reset)
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    """Read the agent's TOML file (see docs/agent.md); errors name the file and entry."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    servers: dict[str, tuple[str, int]] = {}
+    for name, addr in data.get("servers", {}).items():
+        check_ident(name, f"{path}: server name")
+        servers[name] = parse_address(str(addr), f"{path}: server {name}")
+    vms = [_vm_from_table(t, f"{path}: vm {i + 1}", path.parent)
+           for i, t in enumerate(data.get("vm", []))]
+    if not vms:
+        raise ConfigError(f"{path}: no [[vm]] tables")
+    seen: set[int] = set()
+    for vm in vms:
+        if vm.vm_id in seen:
+            raise ConfigError(f"{path}: vm id {vm.vm_id} is used twice")
+        seen.add(vm.vm_id)
+        for m in vm.maps:
+            if m.server not in servers:
+                raise ConfigError(f"{path}: vm {vm.vm_id} maps to server {m.server!r}, "
+                                  f"which is not in [servers]")
+    tls = {k: str(v) for k, v in data.get("tls", {}).items()}
+    return AgentConfig(servers, vms, tls)

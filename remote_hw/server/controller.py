@@ -1,0 +1,237 @@
+"""The server's controller: device registry, per-session instances, feedback.
+
+The controller knows nothing about sockets. The network layer hands it requests with
+the *authenticated* client id of the connection they came on, and gives it a
+:class:`SessionSink` per client through which interrupts and device events leave.
+
+Instances: each (client, VM) that attaches a device gets its own instance (its own
+register state and its own backend), unless the device is configured ``shared``, in
+which case every attached VM talks to one instance and all of them receive its
+interrupts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from remote_hw.backends.base import StreamBackend
+from remote_hw.backends.registry import open_backend
+from remote_hw.config import DeviceSpec
+from remote_hw.devices.base import Device, StreamDevice
+from remote_hw.devices.registry import create_device
+from remote_hw.protocol.messages import Direction, Status
+
+log = logging.getLogger("remote_hw.server")
+
+SessionKey = tuple[int, int]  # (client id, vm id)
+
+
+class SessionSink(Protocol):
+    """Where a client's interrupts and events go (implemented by the network layer)."""
+
+    def interrupt(self, vm_id: int, device: str, line: int, level: bool) -> None: ...
+
+    def event(self, vm_id: int, device: str, name: str) -> None: ...
+
+
+class _InstanceIrq:
+    """The interrupt line handed to a model: fans level changes out to attached VMs."""
+
+    __slots__ = ("instance", "line", "level")
+
+    def __init__(self, instance: "Instance", line: int) -> None:
+        self.instance = instance
+        self.line = line
+        self.level = False
+
+    def set_level(self, level: bool) -> None:
+        level = bool(level)
+        if level == self.level:
+            return  # models may repeat a level; only changes travel
+        self.level = level
+        self.instance.irq_changes += 1
+        for (client_id, vm_id), sink in list(self.instance.sessions.items()):
+            sink.interrupt(vm_id, self.instance.spec.id, self.line, level)
+
+
+@dataclass(eq=False)
+class Instance:
+    """One live instance of a software device: model, lock, backend, sessions."""
+
+    spec: DeviceSpec
+    index: int
+    model: Device = field(init=False)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    backend: StreamBackend | None = None
+    sessions: dict[SessionKey, SessionSink] = field(default_factory=dict)
+    reads: int = 0
+    writes: int = 0
+    irq_changes: int = 0
+
+    def label(self) -> str:
+        owners = ",".join(f"c{c}/vm{v}" for c, v in self.sessions) or "-"
+        return f"{self.spec.id}#{self.index}[{owners}]"
+
+    def to_guest(self, data: bytes) -> None:
+        """Backend threads deliver bytes for the guest here (thread-safe)."""
+        with self.lock:
+            assert isinstance(self.model, StreamDevice)
+            self.model.feed(data)
+
+    def _event(self, name: str) -> None:
+        for (client_id, vm_id), sink in list(self.sessions.items()):
+            sink.event(vm_id, self.spec.id, name)
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            st = dict(self.model.status())
+        st.update(reads=self.reads, writes=self.writes, irq_changes=self.irq_changes,
+                  backend=self.backend.describe() if self.backend else None,
+                  sessions=[f"client {c} vm {v}" for c, v in self.sessions])
+        return st
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        self.model.close()
+
+
+AccessHook = Callable[[int, int, str, int, int, int, int, int], None]
+
+
+class Controller:
+    """Holds the device registry and the live instances; answers requests.
+
+    Thread-safe: each connection thread calls in concurrently. The registry lock is held
+    only to find or create instances; a request then holds just its instance's lock.
+    """
+
+    def __init__(self, server_id: str, devices: list[DeviceSpec]) -> None:
+        self.server_id = server_id
+        self.registry: dict[str, DeviceSpec] = {}
+        for spec in devices:
+            if spec.id in self.registry:
+                raise ValueError(f"device id {spec.id!r} is configured twice")
+            create_device(spec.kind, **spec.options).close()  # fail early on a bad kind
+            self.registry[spec.id] = spec
+        self._lock = threading.Lock()
+        # (client, vm, device) -> instance: the hot-path lookup of every request.
+        self._attached: dict[tuple[int, int, str], Instance] = {}
+        self._shared: dict[str, Instance] = {}
+        self._per_device: dict[str, list[Instance]] = {d: [] for d in self.registry}
+        self.access_hook: AccessHook | None = None  # the demo's traffic display
+
+    # -- sessions ---------------------------------------------------------------
+
+    def _new_instance(self, spec: DeviceSpec) -> Instance:
+        used = {i.index for i in self._per_device[spec.id]}
+        index = next(i for i in range(len(used) + 1) if i not in used)
+        inst = Instance(spec, index)
+        inst.model = create_device(spec.kind, irq=_InstanceIrq(inst, 0), events=inst._event,
+                                   **spec.options)
+        if spec.backend:
+            if not isinstance(inst.model, StreamDevice):
+                raise ValueError(f"device {spec.id!r} ({spec.kind}) takes no stream backend")
+            backend = open_backend(spec.backend, spec.id, index)
+            inst.model.tx_sink = backend.from_guest
+            backend.start(inst.to_guest)
+            inst.backend = backend
+            log.info("%s: backend %s", spec.id if index == 0 else f"{spec.id}#{index}",
+                     backend.describe())
+        self._per_device[spec.id].append(inst)
+        return inst
+
+    def attach(self, client_id: int, vm_id: int, device: str, sink: SessionSink) -> Status:
+        """Give (client, VM) an instance of ``device``; OK when already attached."""
+        spec = self.registry.get(device)
+        if spec is None:
+            return Status.UNKNOWN_DEVICE
+        key = (client_id, vm_id, device)
+        with self._lock:
+            if key in self._attached:
+                return Status.OK
+            if spec.shared:
+                inst = self._shared.get(device) or self._new_instance(spec)
+                self._shared[device] = inst
+            else:
+                inst = self._new_instance(spec)
+            with inst.lock:
+                inst.sessions[(client_id, vm_id)] = sink
+                line_high = [irq for irq in (inst.model.irq,) if getattr(irq, "level", False)]
+            self._attached[key] = inst
+        log.info("client %d vm %d attached %s", client_id, vm_id, inst.label())
+        for irq in line_high:  # a shared device already asserting: tell the newcomer
+            sink.interrupt(vm_id, device, 0, True)
+        return Status.OK
+
+    def detach(self, client_id: int, vm_id: int | None = None) -> int:
+        """Drop the VM's sessions (every VM of the client when ``vm_id`` is None)."""
+        with self._lock:
+            keys = [k for k in self._attached
+                    if k[0] == client_id and (vm_id is None or k[1] == vm_id)]
+            closing = []
+            for key in keys:
+                inst = self._attached.pop(key)
+                with inst.lock:
+                    inst.sessions.pop((key[0], key[1]), None)
+                    empty = not inst.sessions
+                if empty:
+                    self._per_device[inst.spec.id].remove(inst)
+                    if inst.spec.shared:
+                        self._shared.pop(inst.spec.id, None)
+                    closing.append(inst)
+        for inst in closing:
+            inst.close()
+        if keys:
+            log.info("client %d %s detached (%d device(s))", client_id,
+                     "all VMs" if vm_id is None else f"vm {vm_id}", len(keys))
+        return len(keys)
+
+    # -- the request path -------------------------------------------------------
+
+    def access(self, client_id: int, vm_id: int, device: str, offset: int, size: int,
+               direction: int, data: int) -> tuple[Status, int]:
+        """Perform one register access; returns (status, value read or 0)."""
+        inst = self._attached.get((client_id, vm_id, device))
+        if inst is None:
+            return (Status.UNKNOWN_DEVICE if device not in self.registry
+                    else Status.NOT_ATTACHED), 0
+        if offset + size > inst.model.window:
+            return Status.BAD_ACCESS, 0
+        try:
+            with inst.lock:
+                if direction == Direction.READ:
+                    inst.reads += 1
+                    value = inst.model.read(offset, size)
+                else:
+                    inst.writes += 1
+                    inst.model.write(offset, size, data)
+                    value = 0
+        except Exception:  # a model bug must not take the connection down
+            log.exception("device %s failed on %s at offset %#x", device,
+                          "read" if direction == Direction.READ else "write", offset)
+            return Status.DEVICE_ERROR, 0
+        hook = self.access_hook
+        if hook is not None:
+            hook(client_id, vm_id, device, inst.index, offset, size, direction,
+                 value if direction == Direction.READ else data)
+        return Status.OK, value
+
+    # -- introspection ----------------------------------------------------------
+
+    def instances(self) -> list[Instance]:
+        with self._lock:
+            return [i for lst in self._per_device.values() for i in lst]
+
+    def close(self) -> None:
+        with self._lock:
+            insts = [i for lst in self._per_device.values() for i in lst]
+            self._attached.clear()
+            self._shared.clear()
+            for lst in self._per_device.values():
+                lst.clear()
+        for inst in insts:
+            inst.close()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One idempotent set-up for remote-hw on Debian 12: system packages, then a project
+# virtualenv in .venv with remote-hw installed in editable mode. Safe to run again and
+# again: it installs only what is missing. Needs root for the system packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages by purpose. binutils builds the guests; iproute2 makes the network
+# namespaces of the multi-host rig.
+APT_PACKAGES=(binutils iproute2 ca-certificates)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install: apt-get install ${missing[*]}"
+  if [ "$(id -u)" != 0 ]; then echo "install: run as root to install system packages" >&2; exit 1; fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The project's Python environment. The stamp records the hash of pyproject.toml so a
+# dependency change reinstalls and an unchanged tree costs nothing.
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "install: creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.remote-hw-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "install: pip install -e .[test]"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  echo "$want" > "$stamp"
+fi
+
+# Guest programs are built from source on every install (cheap, reproducible).
+if [ -x guests/build.sh ]; then
+  bash guests/build.sh >/dev/null
+fi
+echo "install: ready"

@@ -253,15 +253,6 @@ def test_file_index_suffix_without_placeholder(tmp_path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["out.log", "out.log.2"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_file_unwritable(tmp_path) -> None:
-    path = tmp_path / "ro.log"
-    path.write_bytes(b"")
-    path.chmod(stat.S_IRUSR)
-    with pytest.raises(BackendError, match="cannot open"):
-        open_backend(f"file:{path}", "dev", 0)
-
-
 def test_file_directory_is_an_error(tmp_path) -> None:
     with pytest.raises(BackendError, match="cannot open"):
         open_backend(f"file:{tmp_path}", "dev", 0)

@@ -42,6 +42,7 @@ EventCallback = Callable[[int, str, str], None]  # vm id, device, event name
 StateCallback = Callable[["ServerLink", bool, str], None]  # link, up, reason
 
 RECV_SIZE = 65536
+_now = time.monotonic
 # How long the link must be quiet before the background reader takes over. Short
 # enough that an idle VM gets its interrupts promptly, long enough that a busy vCPU
 # does not trade leadership with it on every access.
@@ -203,7 +204,11 @@ class ServerLink:
 
     def io(self, vm_id: int, device: str, kind: int, offset: int, size: int, direction: int,
            data: int = 0, server_id: str = "") -> tuple[int, int]:
-        """One register access; returns (status, value). Never blocks past the timeout."""
+        """One register access; returns (status, value). Never blocks past the timeout.
+
+        This is the vCPU's hot path: it stays flat on purpose (each Python call level
+        costs a fraction of a microsecond, and a forwarded access is ~30 µs in all).
+        """
         if not self.up:
             return Status.UNREACHABLE, 0
         rid = next(self._ids)
@@ -237,23 +242,64 @@ class ServerLink:
 
     def _call(self, rid: int, frame: bytes) -> _Slot:
         slot = _Slot()
-        self._last_active = time.monotonic()
-        if not self.up:
+        self._last_active = _now()
+        sock = self._sock
+        if sock is None:
             slot.status = Status.UNREACHABLE
             return slot
         self._pending[rid] = slot
-        sock = self._sock
-        try:
-            with self._wlock:
-                sock.sendall(frame)  # type: ignore[union-attr]
-        except (OSError, AttributeError) as e:
-            self._down(f"send failed: {getattr(e, 'strerror', None) or e}")
-            return slot
-        self._await(slot, rid, time.monotonic() + self.timeout)
-        self._last_active = time.monotonic()
+        deadline = _now() + self.timeout
+        # Common case first: nobody reads the socket, so this thread leads. Taking the
+        # read lock *before* sending means no other thread can take our feedback, and
+        # the answer is read by the thread that waits for it: no hand-over, no wake-up.
+        if self._rlock.acquire(blocking=False):
+            try:
+                with self._wlock:
+                    sock.sendall(frame)
+                # Inline first read: usually exactly our feedback arrives, and nothing else.
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    data = None
+                if data:
+                    conn = self._conn
+                    conn.receive_data(data)
+                    f = conn.next_feedback()
+                    if f is not None and f[0] == rid and not conn.buffered:
+                        del self._pending[rid]
+                        slot.status, slot.value, slot.done = f[3], f[5], True
+                    else:
+                        if f is not None:  # someone else's: put it where it belongs
+                            other = self._pending.pop(f[0], None)
+                            if other is not None:
+                                other.status, other.value, other.done = f[3], f[5], True
+                        self._dispatch()
+                elif data is not None:
+                    self._down("the server closed the connection")
+                if not slot.done:
+                    self._lead_until(slot, deadline)
+            except ProtocolError as e:
+                self._protocol_failure(e)
+            except OSError as e:
+                self._down(f"send failed: {e.strerror or e}")
+            finally:
+                self._rlock.release()
+                if self._waiters:
+                    with self._cond:
+                        self._cond.notify_all()
+        else:
+            try:
+                with self._wlock:
+                    sock.sendall(frame)
+            except OSError as e:
+                self._down(f"send failed: {e.strerror or e}")
+        if not slot.done:
+            self._await(slot, rid, deadline)
+        self._last_active = _now()
         return slot
 
     def _await(self, slot: _Slot, rid: int, deadline: float) -> None:
+        """Wait as a follower, or lead when leadership becomes free, until answered."""
         while not slot.done:
             if self._rlock.acquire(blocking=False):
                 try:
@@ -273,13 +319,13 @@ class ServerLink:
                     self._waiters += 1
                     try:
                         while not slot.done and self._rlock.locked():
-                            left = deadline - time.monotonic()
+                            left = deadline - _now()
                             if left <= 0:
                                 break
                             self._cond.wait(left)
                     finally:
                         self._waiters -= 1
-            if not slot.done and time.monotonic() >= deadline:
+            if not slot.done and _now() >= deadline:
                 if self._pending.pop(rid, None) is not None:
                     log.warning("server %s: request %d timed out after %.1f s", self.name,
                                 rid, self.timeout)
@@ -289,9 +335,9 @@ class ServerLink:
     def _lead_until(self, slot: _Slot, deadline: float) -> None:
         """As leader, read frames until ``slot`` is answered or the deadline passes."""
         while not slot.done and self.up:
-            if time.monotonic() >= deadline:
-                return
             self._read_and_dispatch()
+            if not slot.done and _now() >= deadline:
+                return
 
     def _read_and_dispatch(self) -> None:
         sock = self._sock
@@ -308,16 +354,32 @@ class ServerLink:
             self._conn.receive_data(data)
             self._dispatch()
         except ProtocolError as e:
+            self._protocol_failure(e)
+
+    def _protocol_failure(self, e: ProtocolError) -> None:
+        sock = self._sock
+        if sock is not None:
             try:
                 sock.sendall(self._conn.error_frame(e))
             except OSError:
                 pass
-            self._down(f"protocol error from the server: {e}")
+        self._down(f"protocol error from the server: {e}")
 
     def _dispatch(self) -> None:
         conn = self._conn
         pending = self._pending
+        next_feedback = conn.next_feedback
         while True:
+            f = next_feedback()  # the common frame, without building a message object
+            if f is not None:
+                slot = pending.pop(f[0], None)
+                if slot is not None:
+                    slot.status, slot.value = f[3], f[5]
+                    slot.done = True
+                    if self._waiters:
+                        with self._cond:
+                            self._cond.notify_all()
+                continue
             ev = conn.next_event()
             if ev is NEED_DATA:
                 return

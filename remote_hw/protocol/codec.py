@@ -424,12 +424,24 @@ _STATUSES = {m.value: m for m in Status}
 _FB_SIZES = frozenset((0, 1, 2, 4, 8))
 
 
-def _decode_feedback(buf: Any, start: int, end: int) -> Message:
+def feedback_fields(buf: Any, start: int, end: int) -> tuple | None:
+    """The fields of a valid FEEDBACK payload as a tuple in wire order, else None.
+
+    The hot path of a client: no message object is built. None means "not the common
+    case": the generic decoder then decodes it or raises the precise error.
+    """
     if end - start == _FB_SIZE and not buf[start + _FB_PAD]:
-        rid, vm, cid, status, size, data = _FB_FIXED.unpack_from(buf, start)
-        st = _STATUSES.get(status)
-        if st is not None and size in _FB_SIZES and not data >> (size << 3):
-            return _FB_BUILD(rid, vm, cid, st, size, data)
+        fields = _FB_FIXED.unpack_from(buf, start)
+        size, data = fields[4], fields[5]
+        if fields[3] in _STATUSES and size in _FB_SIZES and not data >> (size << 3):
+            return fields
+    return None
+
+
+def _decode_feedback(buf: Any, start: int, end: int) -> Message:
+    f = feedback_fields(buf, start, end)
+    if f is not None:
+        return _FB_BUILD(f[0], f[1], f[2], _STATUSES[f[3]], f[4], f[5])
     return _decode_generic(_FB_PLAN, buf, start, end)
 
 
@@ -442,25 +454,37 @@ _DIRS = {m.value: m for m in Direction}
 _IO_SIZES = frozenset((1, 2, 4, 8))
 
 
-def _decode_io_request(buf: Any, start: int, end: int) -> Message:
+def io_request_fields(buf: Any, start: int, end: int) -> tuple | None:
+    """The fields of a valid IO_REQUEST payload as a tuple in wire order, else None.
+
+    (request id, vm id, client id, offset, data, kind, size, direction, hops, server
+    id, device id) with plain ints and strs: the hot path of a server builds no message
+    object. None means "not the common case" (see :func:`feedback_fields`).
+    """
     if end - start >= _IO_SIZE:
         rid, vm, cid, off, data, kind, size, d, hops, ls, ld = _IO_FIXED.unpack_from(buf, start)
         p = start + _IO_SIZE
         q = p + ls
         if q + ld == end:
-            k = _KINDS.get(kind)
-            dr = _DIRS.get(d)
             sid = _ID_STR.get(bytes(buf[p:q])) if ls else ""
             did = _ID_STR.get(bytes(buf[q:end]))
             if (
-                k is not None
-                and dr is not None
+                kind in _KINDS
+                and d in _DIRS
                 and sid is not None
                 and did is not None
                 and size in _IO_SIZES
                 and not data >> (size << 3)
             ):
-                return _IO_BUILD(rid, vm, cid, off, data, k, size, dr, hops, sid, did)
+                return rid, vm, cid, off, data, kind, size, d, hops, sid, did
+    return None
+
+
+def _decode_io_request(buf: Any, start: int, end: int) -> Message:
+    f = io_request_fields(buf, start, end)
+    if f is not None:
+        return _IO_BUILD(f[0], f[1], f[2], f[3], f[4], _KINDS[f[5]], f[6], _DIRS[f[7]],
+                         f[8], f[9], f[10])
     return _decode_generic(_IO_PLAN, buf, start, end)
 
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 import enum
 from typing import Final
 
-from .codec import DECODERS, MSG_NAMES, encode, encode_feedback, encode_io_request
+from .codec import (DECODERS, MSG_NAMES, encode, encode_feedback, encode_io_request,
+                    feedback_fields, io_request_fields)
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .messages import (
     FEATURE_EVENTS,
@@ -382,6 +383,46 @@ class Connection:
             self._fail(exc)
             raise exc
         return NEED_DATA
+
+    # Hot-path variants of next_event.  They consume the next frame only when it is a
+    # complete, valid frame of the one type asked for, and return its fields as a tuple
+    # (no message object).  Anything else - another type, a partial frame, a bad field,
+    # EOF - returns None and is left for next_event, which returns or raises exactly as
+    # it always does.  So a caller may try the fast path first and fall back.
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes not yet consumed (0: the next call would return NEED_DATA,
+        or CLOSED after EOF)."""
+        return len(self._buf) - self._off
+
+    def next_io_request(self) -> tuple | None:
+        """The next frame's fields if it is an IO_REQUEST (see io_request_fields)."""
+        return self._next_fields(_IO_REQUEST, io_request_fields)
+
+    def next_feedback(self) -> tuple | None:
+        """The next frame's fields if it is a FEEDBACK (see feedback_fields)."""
+        return self._next_fields(_FEEDBACK, feedback_fields)
+
+    def _next_fields(self, want: int, fields) -> tuple | None:
+        buf = self._buf
+        off = self._off
+        if len(buf) - off < HEADER_SIZE or self._error is not None:
+            return None
+        magic, t, flags, length = HEADER.unpack_from(buf, off)
+        end = off + HEADER_SIZE + length
+        if (t != want or magic != MAGIC_U16 or flags or length > self._max_payload
+                or end > len(buf) or t not in self._recv_ok):
+            return None
+        f = fields(buf, off + HEADER_SIZE, end)
+        if f is None:
+            return None
+        if end == len(buf):
+            buf.clear()
+            self._off = 0
+        else:
+            self._off = end
+        return f
 
     # ----------------------------------------------------------------- internals
 

@@ -1,6 +1,6 @@
 """Cost of one local port-I/O exit round trip, measured with guests/build/ioloop.bin.
 
-    python3 guests/bench_ioloop.py [--count N] [--runs R] [--mode in|out]
+    python3 bench/local_exit.py [--count N] [--runs R] [--mode in|out]
 
 The guest executes ``in al, dx`` (or ``out dx, al``) N times on port 0x3ff; a trivial
 Python handler answers. Prints the median over R runs of (wall time of vm.run) / N in

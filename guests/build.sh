@@ -31,6 +31,7 @@ raw hello
 raw echo
 raw rtc
 raw ioloop
+raw ticker
 elf hello32 32
 elf hello64 64
 elf mmio64 64

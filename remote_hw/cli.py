@@ -14,8 +14,8 @@ import threading
 from typing import Callable, Sequence
 
 from remote_hw import __version__
-from remote_hw.config import (ConfigError, parse_address, parse_device, parse_map,
-                              parse_server, parse_size)
+from remote_hw.config import (ConfigError, parse_address, parse_allow, parse_device,
+                              parse_map, parse_pair, parse_server, parse_size)
 
 
 def _typed(fn: Callable[[str], object]) -> Callable[[str], object]:
@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"remote-hw {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def tls(sp: argparse.ArgumentParser, who: str) -> None:
+        sp.add_argument("--tls-dir", metavar="DIR",
+                        help="mutual TLS: the key directory from 'remote-hw keys' (ca.pem, "
+                             "NAME.pem, NAME.key); without it connections are plain TCP")
+        sp.add_argument("--tls-name", metavar="NAME",
+                        help=f"which certificate in --tls-dir is this {who}'s "
+                             f"(default: {'the --server-id' if who == 'server' else 'client'})")
+
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
@@ -71,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "or rtc0=cmos-rtc; repeat for more")
     s.add_argument("--trace", action="store_true",
                    help="print every register access on stdout")
+    s.add_argument("--peer", type=_typed(parse_server), action="append", default=[],
+                   metavar="ID=HOST:PORT",
+                   help="another server of the platform (static directory); repeat")
+    s.add_argument("--route", type=_typed(lambda t: parse_pair(t, "DEVICE=SERVER")),
+                   action="append", default=[], metavar="DEVICE=SERVER",
+                   help="a device that lives on a --peer server (static directory); repeat")
+    s.add_argument("--directory", metavar="URL",
+                   help="etcd endpoint of the shared directory, e.g. http://10.0.0.4:2379; "
+                        "this server registers its devices there under a lease")
+    s.add_argument("--lease", type=int, default=5, metavar="SECONDS",
+                   help="directory lease: how soon a dead server drops out (default 5)")
+    s.add_argument("--advertise", type=_typed(lambda t: parse_address(t, "advertise address")),
+                   metavar="HOST:PORT",
+                   help="address other servers use to reach this one (default: --listen)")
+    s.add_argument("--allow", type=_typed(parse_allow), action="append", default=[],
+                   metavar="DEVICE=NAME[,NAME...]",
+                   help="only these client certificates may use DEVICE (needs TLS); repeat")
+    tls(s, "server")
     common(s)
 
     v = sub.add_parser("vm", help="run one VM whose mapped devices live on servers",
@@ -92,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long one access may wait for its server (default 5)")
     v.add_argument("--on-reset", choices=["stop", "restart"], default="stop",
                    help="what a device's reset request does to the VM (default stop)")
+    v.add_argument("--via", type=_typed(lambda t: parse_pair(t, "SERVER=ENTRY")),
+                   action="append", default=[], metavar="SERVER=ENTRY",
+                   help="reach SERVER's devices through the --server ENTRY (requests name "
+                        "SERVER; the entry forwards); repeat")
+    tls(v, "client")
     common(v)
 
     a = sub.add_parser("agent", help="run several VMs from a TOML file",
@@ -101,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long one access may wait for its server (default 5)")
     common(a)
+
+    k = sub.add_parser("keys", help="make the CA and certificates for mutual TLS",
+                       description="Make a private CA and one certificate per host. Give "
+                                   "each host ca.pem and its own NAME.pem/NAME.key.")
+    ksub = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    ki = ksub.add_parser("init", help="create ca.pem and ca.key in DIR")
+    ki.add_argument("dir", metavar="DIR")
+    kn = ksub.add_parser("issue", help="issue NAME.pem/NAME.key signed by DIR's CA")
+    kn.add_argument("dir", metavar="DIR")
+    kn.add_argument("name", metavar="NAME",
+                    help="the identity: a server's --server-id, or a client's name")
+    kn.add_argument("--role", choices=["client", "server"], required=True,
+                    help="server certificates may also act as peers of other servers")
+    common(k)
 
     d = sub.add_parser("demo", help="a local server and an echo VM on loopback",
                        description="Start a server and a VM on loopback with a UART and an "

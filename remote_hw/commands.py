@@ -11,7 +11,11 @@ from remote_hw.cli import wait_for_signal
 from remote_hw.client.agent import Agent
 from remote_hw.client.link import LinkError
 from remote_hw.client.vmm.vm import STATUS_RESET, STATUS_STOPPED
+from pathlib import Path
+
 from remote_hw.config import ConfigError, DeviceSpec, VmConfig, load_agent_config, parse_map
+from remote_hw.security import KeyMaterialError, TlsConfig
+from remote_hw.server.directory import DirectoryError
 from remote_hw.guest_images import GuestBuildError, guest_image
 from remote_hw.protocol.messages import Direction
 
@@ -40,28 +44,70 @@ def _trace_printer(out=sys.stdout):
 
 
 def _start_server(listen: tuple[str, int], server_id: str, devices: list[DeviceSpec],
-                  trace: bool):
+                  trace: bool, **kw):
     from remote_hw.server.controller import Controller
     from remote_hw.server.net import Server
     controller = Controller(server_id, devices)
     if trace:
         controller.access_hook = _trace_printer()
-    return Server(controller, *listen).start()
+    return Server(controller, *listen, **kw).start()
+
+
+def _tls(args: argparse.Namespace, default_name: str) -> TlsConfig | None:
+    if not args.tls_dir:
+        if args.tls_name:
+            raise ConfigError("argument --tls-name: needs --tls-dir")
+        return None
+    tls = TlsConfig(Path(args.tls_dir), args.tls_name or default_name)
+    tls._paths()  # fail now, naming the missing file
+    return tls
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    from remote_hw.server.directory import EtcdDirectory, LayeredDirectory, StaticDirectory
     if not args.device:
         log.warning("no --device given: this server holds no software devices")
     try:
-        server = _start_server(args.listen, args.server_id, args.device, args.trace)
-    except (ValueError, OSError) as e:
-        return _usage_error("server", str(e)) if isinstance(e, ValueError) else \
-            _fail("server", f"cannot listen on {args.listen[0]}:{args.listen[1]}: {e}")
+        tls = _tls(args, args.server_id)
+        static = StaticDirectory(dict(args.peer), dict(args.route))
+        for device, server in args.route:
+            if server not in static.servers:
+                raise ConfigError(f"argument --route: server {server!r} has no --peer address")
+        dynamic = EtcdDirectory(args.directory, ttl=args.lease) if args.directory else None
+        server = _start_server(args.listen, args.server_id, args.device, args.trace, tls=tls,
+                               directory=LayeredDirectory(static, dynamic),
+                               acl=dict(args.allow))
+    except (ConfigError, KeyMaterialError) as e:
+        return _usage_error("server", str(e))
+    except ValueError as e:
+        return _usage_error("server", str(e))
+    except OSError as e:
+        return _fail("server", f"cannot listen on {args.listen[0]}:{args.listen[1]}: {e}")
+    if dynamic is not None:
+        advertise = args.advertise or server.address
+        try:
+            dynamic.register(args.server_id, advertise, sorted(server.controller.registry))
+        except DirectoryError as e:
+            server.stop()
+            return _fail("server", str(e))
     stop = threading.Event()
     try:
         wait_for_signal(stop)
     finally:
         server.stop()
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from remote_hw import security
+    try:
+        if args.keys_command == "init":
+            path = security.init_ca(args.dir)
+        else:
+            path = security.issue(args.dir, args.name, args.role)
+    except (KeyMaterialError, ConfigError) as e:
+        return _usage_error("keys", str(e))
+    print(path)
     return 0
 
 
@@ -109,11 +155,21 @@ def exit_code(status: int | None, crashed: bool = False) -> int:
 
 def cmd_vm(args: argparse.Namespace) -> int:
     servers = dict(args.server)
+    vias = dict(args.via)
+    for name, entry in vias.items():
+        if entry not in servers:
+            return _usage_error("vm", f"argument --via: entry {entry!r} is not given with "
+                                      "--server NAME=HOST:PORT")
     for spec in args.map:
-        if spec.server not in servers:
+        if spec.server not in servers and spec.server not in vias:
             return _usage_error("vm", f"argument --map: server {spec.server!r} is not given "
-                                      "with --server NAME=HOST:PORT")
-    agent = Agent(servers, timeout=args.timeout, client_name=f"vm{args.vm_id}")
+                                      "with --server NAME=HOST:PORT (or --via)")
+    try:
+        tls = _tls(args, "client")
+    except (ConfigError, KeyMaterialError) as e:
+        return _usage_error("vm", str(e))
+    agent = Agent(servers, timeout=args.timeout,
+                  client_name=tls.name if tls else f"vm{args.vm_id}", vias=vias, tls=tls)
     try:
         agent.add_vm(VmConfig(args.vm_id, args.image, args.memory, list(args.map),
                               args.on_reset))
@@ -127,7 +183,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
         config = load_agent_config(args.config)
     except ConfigError as e:
         return _usage_error("agent", f"argument --config: {e}")
-    agent = Agent(config.servers, timeout=args.timeout, client_name="agent")
+    tls = None
+    if config.tls:
+        tls = TlsConfig(Path(config.tls["dir"]), config.tls["name"])
+        try:
+            tls._paths()
+        except KeyMaterialError as e:
+            return _usage_error("agent", f"argument --config: [tls]: {e}")
+    agent = Agent(config.servers, timeout=args.timeout,
+                  client_name=tls.name if tls else "agent", vias=config.vias, tls=tls)
     try:
         for vm in config.vms:
             agent.add_vm(vm)

@@ -159,11 +159,29 @@ class VmConfig:
 
 @dataclass
 class AgentConfig:
-    """The agent's TOML file: servers and VMs."""
+    """The agent's TOML file: servers (direct, or reached through another), VMs, TLS."""
 
     servers: dict[str, tuple[str, int]]
     vms: list[VmConfig]
     tls: dict[str, str] = field(default_factory=dict)
+    vias: dict[str, str] = field(default_factory=dict)
+
+
+def parse_pair(text: str, what: str) -> tuple[str, str]:
+    """``KEY=VALUE`` with both sides identifiers (``--via b=a``, ``--route uart0=b``)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"{text!r} must be {what}")
+    return check_ident(key, "name"), check_ident(value, "name")
+
+
+def parse_allow(text: str) -> tuple[str, set[str]]:
+    """``DEVICE=NAME[,NAME...]``: the certificate names that may use a device."""
+    device, sep, names = text.partition("=")
+    if not sep or not names:
+        raise ConfigError(f"{text!r} must be DEVICE=NAME[,NAME...]")
+    return (check_ident(device, "device id"),
+            {check_ident(n, "client name") for n in names.split(",")})
 
 
 def _vm_from_table(t: dict[str, Any], where: str, base: Path) -> VmConfig:
@@ -202,9 +220,17 @@ def load_agent_config(path: str | Path) -> AgentConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
     servers: dict[str, tuple[str, int]] = {}
+    vias: dict[str, str] = {}
     for name, addr in data.get("servers", {}).items():
         check_ident(name, f"{path}: server name")
-        servers[name] = parse_address(str(addr), f"{path}: server {name}")
+        if str(addr).startswith("via:"):
+            vias[name] = check_ident(str(addr)[4:], f"{path}: server {name}: via")
+        else:
+            servers[name] = parse_address(str(addr), f"{path}: server {name}")
+    for name, entry in vias.items():
+        if entry not in servers:
+            raise ConfigError(f"{path}: server {name} is reached via {entry!r}, which has no "
+                              "address in [servers]")
     vms = [_vm_from_table(t, f"{path}: vm {i + 1}", path.parent)
            for i, t in enumerate(data.get("vm", []))]
     if not vms:
@@ -215,8 +241,12 @@ def load_agent_config(path: str | Path) -> AgentConfig:
             raise ConfigError(f"{path}: vm id {vm.vm_id} is used twice")
         seen.add(vm.vm_id)
         for m in vm.maps:
-            if m.server not in servers:
+            if m.server not in servers and m.server not in vias:
                 raise ConfigError(f"{path}: vm {vm.vm_id} maps to server {m.server!r}, "
                                   f"which is not in [servers]")
     tls = {k: str(v) for k, v in data.get("tls", {}).items()}
-    return AgentConfig(servers, vms, tls)
+    if tls and set(tls) != {"dir", "name"}:
+        raise ConfigError(f"{path}: [tls] takes exactly 'dir' and 'name'")
+    if tls and not Path(tls["dir"]).is_absolute():
+        tls["dir"] = str(path.parent / tls["dir"])
+    return AgentConfig(servers, vms, tls, vias)

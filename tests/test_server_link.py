@@ -34,7 +34,7 @@ class Recorder:
         self.irqs: list[tuple[int, str, int, bool]] = []
         self.cond = threading.Condition()
 
-    def __call__(self, vm: int, dev: str, line: int, level: bool) -> None:
+    def __call__(self, vm: int, dev: str, line: int, level: bool, client_id: int = 0) -> None:
         with self.cond:
             self.irqs.append((vm, dev, line, level))
             self.cond.notify_all()
@@ -230,8 +230,8 @@ def test_version_mismatch_is_refused_clearly(server):
     sock.close()
 
 
-def test_client_id_field_is_ignored(server):
-    """A client that claims another client's id in a request still acts as itself."""
+def test_claiming_another_clients_id_is_denied_and_logged(server, caplog):
+    """A client that writes another client's id into a request is refused."""
     l1 = link_to(server)
     try:
         assert l1.attach(1, "uart0") == Status.OK
@@ -247,15 +247,17 @@ def test_client_id_field_is_ignored(server):
                 welcome = ev
         assert welcome.client_id != l1.client_id
         sock.sendall(conn.send(m.IoRequest(request_id=1, vm_id=1, client_id=l1.client_id,
-                                           offset=7, kind=PORT, size=1, direction=R,
-                                           device_id="uart0")))
+                                           offset=7, kind=PORT, size=1, direction=W,
+                                           data=0x99, device_id="uart0")))
         fb = None
         while fb is None:
             conn.receive_data(sock.recv(4096))
             ev = conn.next_event()
             if isinstance(ev, m.Feedback):
                 fb = ev
-        assert fb.status == Status.NOT_ATTACHED and fb.client_id == welcome.client_id
+        assert fb.status == Status.DENIED and fb.client_id == welcome.client_id
+        assert "claiming to be client" in caplog.text
+        assert l1.io(1, "uart0", PORT, 7, 1, R) == (Status.OK, 0x11)  # untouched
         sock.close()
     finally:
         l1.close()

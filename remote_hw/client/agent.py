@@ -22,6 +22,7 @@ from remote_hw.client.vmm.vm import Vm
 STATUS_CRASHED = 0x200
 from remote_hw.config import MapSpec, VmConfig
 from remote_hw.protocol.messages import AccessKind, Direction, Status
+from remote_hw.security import TlsConfig
 
 log = logging.getLogger("remote_hw.client")
 
@@ -37,14 +38,17 @@ class RemoteDevice:
     return all ones, writes are dropped; the first failure and the recovery are logged.
     """
 
-    __slots__ = ("link", "vm_id", "device", "server_id", "kind", "label", "failing",
-                 "forwarded")
+    __slots__ = ("link", "vm_id", "device", "server_id", "target", "kind", "label",
+                 "failing", "forwarded")
 
-    def __init__(self, link: ServerLink, vm_id: int, spec: MapSpec) -> None:
+    def __init__(self, link: ServerLink, vm_id: int, spec: MapSpec, target: str = "") -> None:
         self.link = link
         self.vm_id = vm_id
         self.device = spec.device
         self.server_id = spec.server
+        # The server id the requests name: "" when the link's server holds the device
+        # (or looks it up), the real server's id when reaching it through an entry.
+        self.target = target
         self.kind = _KIND[spec.kind]
         self.label = f"vm {vm_id}: {spec.server}/{spec.device}"
         self.failing = False
@@ -53,7 +57,7 @@ class RemoteDevice:
     def read(self, offset: int, size: int) -> int:
         self.forwarded += 1
         status, value = self.link.io(self.vm_id, self.device, self.kind, offset, size,
-                                     Direction.READ)
+                                     Direction.READ, 0, self.target)
         if status:
             self._failed(status)
             return _ALL_ONES[size]
@@ -64,7 +68,7 @@ class RemoteDevice:
     def write(self, offset: int, size: int, value: int) -> None:
         self.forwarded += 1
         status, _ = self.link.io(self.vm_id, self.device, self.kind, offset, size,
-                                 Direction.WRITE, value)
+                                 Direction.WRITE, value, self.target)
         if status:
             self._failed(status)
         elif self.failing:
@@ -99,14 +103,17 @@ class Agent:
     """Runs VMs whose mapped ranges are served by remote servers."""
 
     def __init__(self, servers: dict[str, tuple[str, int]], *, timeout: float = 5.0,
-                 client_name: str = "agent",
+                 client_name: str = "agent", vias: dict[str, str] | None = None,
+                 tls: TlsConfig | None = None,
                  link_factory: Callable[..., ServerLink] = ServerLink) -> None:
+        # server name -> entry server name, for servers reached through another one
+        self.vias = dict(vias or {})
         # (server, vm id, device) -> (vm, guest irq): the delivery table for interrupts.
         self._irq_routes: dict[tuple[str, int, str], tuple[Vm, int]] = {}
         self.links: dict[str, ServerLink] = {
             name: link_factory(name, addr, client_name=client_name, timeout=timeout,
                                on_interrupt=self._interrupt_cb(name),
-                               on_event=self._event_cb(name))
+                               on_event=self._event_cb(name), tls=tls)
             for name, addr in servers.items()}
         self.vms: dict[int, VmHandle] = {}
         self._done = threading.Condition()
@@ -125,16 +132,20 @@ class Agent:
             handle = VmHandle(config, vm)
             for spec in config.maps:
                 link = self.links.get(spec.server)
+                target = ""
+                if link is None and spec.server in self.vias:
+                    link = self.links.get(self.vias[spec.server])
+                    target = spec.server
                 if link is None:
                     raise ValueError(f"vm {config.vm_id}: no server named {spec.server!r}")
-                dev = RemoteDevice(link, config.vm_id, spec)
+                dev = RemoteDevice(link, config.vm_id, spec, target)
                 if spec.kind == "port":
                     bus.map_ports(spec.start, spec.end, dev)
                 else:
                     bus.map_mmio(spec.start, spec.end, dev)
                 handle.devices.append(dev)
                 if spec.irq is not None:
-                    self._irq_routes[(spec.server, config.vm_id, spec.device)] = (vm, spec.irq)
+                    self._irq_routes[(link.name, config.vm_id, spec.device)] = (vm, spec.irq)
         except BaseException:
             vm.close()
             raise
@@ -148,17 +159,17 @@ class Agent:
                 link.connect()
         for handle in self.vms.values():
             for dev in handle.devices:
-                status = dev.link.attach(handle.config.vm_id, dev.device)
+                status = dev.link.attach(handle.config.vm_id, dev.device, dev.target)
                 if status != Status.OK:
                     raise LinkError(f"vm {handle.config.vm_id}: server {dev.server_id} "
                                     f"refused device {dev.device!r}: {Status(status).name}")
 
     # -- interrupts and events ------------------------------------------------------
 
-    def _interrupt_cb(self, server: str) -> Callable[[int, str, int, bool], None]:
+    def _interrupt_cb(self, server: str) -> Callable[[int, str, int, bool, int], None]:
         routes = self._irq_routes
 
-        def deliver(vm_id: int, device: str, line: int, level: bool) -> None:
+        def deliver(vm_id: int, device: str, line: int, level: bool, client_id: int) -> None:
             route = routes.get((server, vm_id, device))
             if route is None:
                 log.warning("server %s sent an interrupt for vm %d device %s, which this "
@@ -168,8 +179,8 @@ class Agent:
             vm.set_irq(irq, level)
         return deliver
 
-    def _event_cb(self, server: str) -> Callable[[int, str, str], None]:
-        def deliver(vm_id: int, device: str, name: str) -> None:
+    def _event_cb(self, server: str) -> Callable[[int, str, str, int], None]:
+        def deliver(vm_id: int, device: str, name: str, client_id: int) -> None:
             handle = self.vms.get(vm_id)
             if handle is None:
                 log.warning("server %s sent event %s for unknown vm %d", server, name, vm_id)

@@ -26,7 +26,7 @@ import logging
 import os
 import select
 import socket
-import struct
+import ssl
 import threading
 import time
 from typing import Callable
@@ -34,14 +34,16 @@ from typing import Callable
 from remote_hw.protocol import CLOSED, NEED_DATA, Connection, ProtocolError, Role
 from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import Status
+from remote_hw.security import Identity, KeyMaterialError, TlsConfig
+from remote_hw.transport import RECV_SIZE, TlsTransport, Transport
 
 log = logging.getLogger("remote_hw.client")
 
-InterruptCallback = Callable[[int, str, int, bool], None]  # vm id, device, line, level
-EventCallback = Callable[[int, str, str], None]  # vm id, device, event name
+# vm id, device, line, level, client id (the client id matters to a forwarding server)
+InterruptCallback = Callable[[int, str, int, bool, int], None]
+EventCallback = Callable[[int, str, str, int], None]  # vm id, device, event name, client id
 StateCallback = Callable[["ServerLink", bool, str], None]  # link, up, reason
 
-RECV_SIZE = 65536
 _now = time.monotonic
 # How long the link must be quiet before the background reader takes over. Short
 # enough that an idle VM gets its interrupts promptly, long enough that a busy vCPU
@@ -72,19 +74,23 @@ class ServerLink:
     def __init__(self, name: str, address: tuple[str, int], *, client_name: str = "agent",
                  timeout: float = 5.0, on_interrupt: InterruptCallback | None = None,
                  on_event: EventCallback | None = None,
-                 on_state: StateCallback | None = None) -> None:
+                 on_state: StateCallback | None = None, tls: TlsConfig | None = None,
+                 role: Role = Role.CLIENT) -> None:
         self.name = name
         self.address = address
         self.client_name = client_name
         self.timeout = timeout
-        self.on_interrupt = on_interrupt or (lambda vm, dev, line, level: None)
-        self.on_event = on_event or (lambda vm, dev, name: None)
+        self.tls = tls
+        self.role = role
+        self.peer: Identity | None = None  # the server's certificate identity (TLS)
+        self.on_interrupt = on_interrupt or (lambda vm, dev, line, level, cid: None)
+        self.on_event = on_event or (lambda vm, dev, name, cid: None)
         self.on_state = on_state or (lambda link, up, reason: None)
         self.client_id = 0
         self.server_name = ""
         self.up = False
         self.down_reason = "not connected"
-        self._sock: socket.socket | None = None
+        self._t: Transport | None = None
         self._conn = Connection(Role.CLIENT)
         self._ids = itertools.count(1)
         self._pending: dict[int, _Slot] = {}
@@ -106,19 +112,40 @@ class ServerLink:
         host, port = self.address
         where = f"server {self.name} at {host}:{port}"
         try:
-            sock = socket.create_connection((host, port), timeout=connect_timeout)
+            raw = socket.create_connection((host, port), timeout=connect_timeout)
         except OSError as e:
             raise LinkError(f"{where}: cannot connect: {e.strerror or e}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(Role.CLIENT)
         try:
-            sock.sendall(conn.send(m.Hello(major=m.PROTOCOL_MAJOR, minor=m.PROTOCOL_MINOR,
-                                           max_payload=m.DEFAULT_MAX_PAYLOAD,
-                                           features=m.SUPPORTED_FEATURES, role=m.Role.CLIENT,
-                                           name=self.client_name)))
+            if self.tls is not None:
+                t: Transport = TlsTransport.wrap_client(raw, self.tls.client_context(),
+                                                        READ_SLICE, connect_timeout)
+                if t.identity is None or t.identity.role != "server":
+                    t.close()
+                    raise LinkError(f"{where}: its certificate ({t.identity}) is not a "
+                                    "server's; refusing to talk to it")
+                self.peer = t.identity
+            else:
+                t = Transport(raw, READ_SLICE)
+        except (ssl.SSLError, KeyMaterialError) as e:
+            raw.close()
+            raise LinkError(f"{where}: TLS handshake failed: {e}") from None
+        except OSError as e:
+            raw.close()
+            raise LinkError(f"{where}: TLS handshake failed: {e.strerror or e}") from None
+        conn = Connection(Role.CLIENT)
+        deadline = _now() + connect_timeout
+        try:
+            t.send(conn.send(m.Hello(major=m.PROTOCOL_MAJOR, minor=m.PROTOCOL_MINOR,
+                                     max_payload=m.DEFAULT_MAX_PAYLOAD,
+                                     features=m.SUPPORTED_FEATURES, role=self.role,
+                                     name=self.client_name)))
             welcome = None
             while welcome is None:
-                data = sock.recv(RECV_SIZE)
+                data = t.recv()
+                if data is None:
+                    if _now() > deadline:
+                        raise socket.timeout
+                    continue
                 conn.receive_data(data)
                 while True:
                     ev = conn.next_event()
@@ -132,20 +159,18 @@ class ServerLink:
                         welcome = ev
                         break
         except socket.timeout:
-            sock.close()
+            t.close()
             raise LinkError(f"{where}: no answer to the handshake") from None
         except ProtocolError as e:
-            sock.close()
+            t.close()
             raise LinkError(f"{where}: handshake failed: {e}") from None
+        except LinkError:
+            t.close()
+            raise
         except OSError as e:
-            sock.close()
+            t.close()
             raise LinkError(f"{where}: handshake failed: {e.strerror or e}") from None
-        # Blocking reads with a kernel-side timeout: no extra poll() per reply, yet a
-        # leader still wakes up every READ_SLICE to check its deadline.
-        sock.settimeout(None)
-        tv = struct.pack("ll", int(READ_SLICE), int((READ_SLICE % 1) * 1e6))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self._sock, self._conn = sock, conn
+        self._t, self._conn = t, conn
         self.client_id = welcome.client_id
         self.server_name = welcome.name
         self.up = True
@@ -177,7 +202,7 @@ class ServerLink:
     def _down(self, reason: str) -> None:
         """Mark the link dead and fail everything that waits on it."""
         with self._cond:
-            if not self.up and self._sock is None:
+            if not self.up and self._t is None:
                 return
             was_up = self.up
             self.up = False
@@ -186,14 +211,11 @@ class ServerLink:
             for slot in pending.values():
                 slot.status = Status.UNREACHABLE
                 slot.done = True
-            sock, self._sock = self._sock, None
+            t, self._t = self._t, None
             self._cond.notify_all()
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+        if t is not None:
+            t.shutdown()
+            t.close()
         if was_up:
             if not self._closing:
                 log.error("server %s (%s:%d) is gone: %s; its devices now read as all ones "
@@ -203,7 +225,8 @@ class ServerLink:
     # -- requests ---------------------------------------------------------------
 
     def io(self, vm_id: int, device: str, kind: int, offset: int, size: int, direction: int,
-           data: int = 0, server_id: str = "") -> tuple[int, int]:
+           data: int = 0, server_id: str = "", client_id: int = 0,
+           hops: int = 0) -> tuple[int, int]:
         """One register access; returns (status, value). Never blocks past the timeout.
 
         This is the vCPU's hot path: it stays flat on purpose (each Python call level
@@ -214,21 +237,27 @@ class ServerLink:
         rid = next(self._ids)
         try:
             # The positional fast path: building an IoRequest object costs more than the send.
-            frame = self._conn.send_io_request(rid, vm_id, 0, offset, data, kind, size,
-                                               direction, 0, server_id, device)
+            frame = self._conn.send_io_request(rid, vm_id, client_id, offset, data, kind,
+                                               size, direction, hops, server_id, device)
         except ProtocolError:  # the connection closed between the check and here
             return Status.UNREACHABLE, 0
         slot = self._call(rid, frame)
         return slot.status, slot.value
 
-    def attach(self, vm_id: int, device: str, server_id: str = "") -> int:
-        """Ask the server for an instance of ``device`` for ``vm_id``; returns a status."""
-        return self._call_msg(lambda rid: m.Attach(request_id=rid, vm_id=vm_id, client_id=0,
-                                                   server_id=server_id, device_id=device))
+    def attach(self, vm_id: int, device: str, server_id: str = "", client_id: int = 0) -> int:
+        """Ask the server for an instance of ``device`` for ``vm_id``; returns a status.
 
-    def detach(self, vm_id: int) -> int:
+        ``client_id`` is only for server-to-server links: the client a forwarding
+        server speaks for. A client's own requests carry 0.
+        """
+        return self._call_msg(lambda rid: m.Attach(request_id=rid, vm_id=vm_id,
+                                                   client_id=client_id, server_id=server_id,
+                                                   device_id=device))
+
+    def detach(self, vm_id: int, client_id: int = 0) -> int:
         """Release every device instance of ``vm_id`` on this server."""
-        return self._call_msg(lambda rid: m.Detach(request_id=rid, vm_id=vm_id, client_id=0))
+        return self._call_msg(lambda rid: m.Detach(request_id=rid, vm_id=vm_id,
+                                                   client_id=client_id))
 
     def _call_msg(self, make: Callable[[int], m.Message]) -> int:
         if not self.up:
@@ -243,8 +272,8 @@ class ServerLink:
     def _call(self, rid: int, frame: bytes) -> _Slot:
         slot = _Slot()
         self._last_active = _now()
-        sock = self._sock
-        if sock is None:
+        t = self._t
+        if t is None:
             slot.status = Status.UNREACHABLE
             return slot
         self._pending[rid] = slot
@@ -255,12 +284,9 @@ class ServerLink:
         if self._rlock.acquire(blocking=False):
             try:
                 with self._wlock:
-                    sock.sendall(frame)
+                    t.send(frame)
                 # Inline first read: usually exactly our feedback arrives, and nothing else.
-                try:
-                    data = sock.recv(RECV_SIZE)
-                except (BlockingIOError, InterruptedError):
-                    data = None
+                data = t.recv()
                 if data:
                     conn = self._conn
                     conn.receive_data(data)
@@ -290,7 +316,7 @@ class ServerLink:
         else:
             try:
                 with self._wlock:
-                    sock.sendall(frame)
+                    t.send(frame)
             except OSError as e:
                 self._down(f"send failed: {e.strerror or e}")
         if not slot.done:
@@ -340,16 +366,16 @@ class ServerLink:
                 return
 
     def _read_and_dispatch(self) -> None:
-        sock = self._sock
-        if sock is None:
+        t = self._t
+        if t is None:
             return
         try:
-            data = sock.recv(RECV_SIZE)
-        except (BlockingIOError, socket.timeout, InterruptedError):
-            return  # the read slice ended; caller checks its deadline
+            data = t.recv()
         except OSError as e:
             self._down(f"connection lost: {e.strerror or e}")
             return
+        if data is None:
+            return  # the read slice ended; caller checks its deadline
         try:
             self._conn.receive_data(data)
             self._dispatch()
@@ -357,10 +383,10 @@ class ServerLink:
             self._protocol_failure(e)
 
     def _protocol_failure(self, e: ProtocolError) -> None:
-        sock = self._sock
-        if sock is not None:
+        t = self._t
+        if t is not None:
             try:
-                sock.sendall(self._conn.error_frame(e))
+                t.send(self._conn.error_frame(e))
             except OSError:
                 pass
         self._down(f"protocol error from the server: {e}")
@@ -396,9 +422,10 @@ class ServerLink:
                     with self._cond:
                         self._cond.notify_all()
             elif cls is m.Interrupt:
-                self.on_interrupt(ev.vm_id, ev.device_id, ev.line, bool(ev.level))
+                self.on_interrupt(ev.vm_id, ev.device_id, ev.line, bool(ev.level),
+                                  ev.client_id)
             elif cls is m.Event:
-                self.on_event(ev.vm_id, ev.device_id, ev.name)
+                self.on_event(ev.vm_id, ev.device_id, ev.name, ev.client_id)
             elif ev is CLOSED:
                 self._down("the server closed the connection")
                 return
@@ -414,12 +441,12 @@ class ServerLink:
             # Pong and anything else a client may receive: nothing to do.
 
     def _send_quiet(self, msg: m.Message) -> None:
-        sock = self._sock
-        if sock is None:
+        t = self._t
+        if t is None:
             return
         try:
             with self._wlock:
-                sock.sendall(self._conn.send(msg))
+                t.send(self._conn.send(msg))
         except OSError:
             pass
 
@@ -437,22 +464,24 @@ class ServerLink:
                 time.sleep(IDLE_GRACE)
                 continue
             try:
-                sock = self._sock
-                if sock is None:
+                t = self._t
+                if t is None:
                     return
+                fd = t.fileno()
                 poller = select.poll()
-                poller.register(sock.fileno(), select.POLLIN)
+                poller.register(fd, select.POLLIN)
                 poller.register(self._wake_r, select.POLLIN)
                 self._bg_leading = True
                 while self.up and not self._closing:
-                    events = dict(poller.poll(1000))
+                    # TLS may hold decrypted bytes that poll() cannot see.
+                    events = {fd: 1} if t.has_buffered() else dict(poller.poll(1000))
                     if self._wake_r in events:
                         try:
                             while os.read(self._wake_r, 64):
                                 pass
                         except OSError:
                             pass
-                    if sock.fileno() in events:
+                    if fd in events:
                         self._read_and_dispatch()
                     if self._wake_r in events:
                         break  # a vCPU wants to lead

@@ -1,0 +1,178 @@
+"""Forwarding: an entry server relays requests for devices that live elsewhere.
+
+The entry server keeps no state of another server's devices. It remembers only the
+*route* of each attached (client, VM, device): which server holds it. Requests are
+sent there over a server-to-server link (a :class:`ServerLink` in the PEER role, with
+the server's own certificate), carrying the original client's id so the device's
+server can keep that client's instances apart and tag interrupts with it. Feedback
+returns on the same call; interrupts and events come back on the peer link and are
+handed to the session of the client they name.
+
+When a peer goes away its routes stay: the next access looks the device up again (at
+most once a second per server), reconnects, re-attaches the VM and carries on, so a
+restarted or moved server is found again. Until then accesses fail at once with
+UNREACHABLE and the VM sees a removed device.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from remote_hw.client.link import LinkError, ServerLink
+from remote_hw.protocol.messages import Role, Status
+from remote_hw.security import TlsConfig
+from remote_hw.server.directory import Directory
+
+log = logging.getLogger("remote_hw.forward")
+
+# A request may cross at most this many servers: enough for entry -> owner -> moved
+# owner, and a loop in stale directories ends quickly instead of circling.
+MAX_HOPS = 3
+RETRY_INTERVAL = 1.0
+
+RouteKey = tuple[int, int, str]  # (client id on this server, vm id, device)
+Relay = Callable[[int, int, str, int, bool], None]  # client, vm, device, line, level
+EventRelay = Callable[[int, int, str, str], None]  # client, vm, device, event name
+
+
+class Forwarder:
+    """Routes of forwarded devices and the links to the servers that hold them."""
+
+    def __init__(self, server_id: str, directory: Directory, *, tls: TlsConfig | None,
+                 timeout: float, relay_interrupt: Relay, relay_event: EventRelay) -> None:
+        self.server_id = server_id
+        self.directory = directory
+        self.tls = tls
+        self.timeout = timeout
+        self.relay_interrupt = relay_interrupt
+        self.relay_event = relay_event
+        self._lock = threading.Lock()
+        self._links: dict[str, ServerLink] = {}
+        self._next_try: dict[str, float] = {}
+        self.routes: dict[RouteKey, str] = {}
+        self._attached_on: dict[RouteKey, ServerLink] = {}
+
+    # -- links ---------------------------------------------------------------------
+
+    def _link(self, target: str) -> ServerLink | None:
+        """A live link to ``target``, connecting (rate-limited) when there is none."""
+        link = self._links.get(target)
+        if link is not None and link.up:
+            return link
+        with self._lock:
+            link = self._links.get(target)
+            if link is not None and link.up:
+                return link
+            now = time.monotonic()
+            if now < self._next_try.get(target, 0.0):
+                return None
+            self._next_try[target] = now + RETRY_INTERVAL
+            address = self.directory.address(target)
+            if address is None:
+                log.warning("server %s is not in the directory", target)
+                return None
+            link = ServerLink(target, address, client_name=self.server_id,
+                              timeout=self.timeout, tls=self.tls, role=Role.PEER,
+                              on_interrupt=self._on_interrupt, on_event=self._on_event)
+            try:
+                link.connect(min(self.timeout, 5.0))
+            except LinkError as e:
+                log.warning("cannot reach server %s: %s", target, e)
+                return None
+            if self.tls is not None and link.peer is not None and link.peer.name != target:
+                log.error("server at %s:%d presents certificate %r, not %r; refused",
+                          *address, link.peer.name, target)
+                link.close()
+                return None
+            self._links[target] = link
+            log.info("linked to server %s at %s:%d", target, *address)
+            return link
+
+    def _on_interrupt(self, vm_id: int, device: str, line: int, level: bool,
+                      client_id: int) -> None:
+        self.relay_interrupt(client_id, vm_id, device, line, level)
+
+    def _on_event(self, vm_id: int, device: str, name: str, client_id: int) -> None:
+        self.relay_event(client_id, vm_id, device, name)
+
+    # -- requests --------------------------------------------------------------------
+
+    def resolve(self, device: str, explicit: str) -> str | None:
+        """The server to send ``device`` to: the one named, or the directory's."""
+        if explicit:
+            return explicit
+        return self.directory.lookup(device)
+
+    def attach(self, client_id: int, vm_id: int, device: str, target: str,
+               hops: int = 0) -> Status:
+        if hops >= MAX_HOPS:
+            return Status.HOP_LIMIT
+        if self.directory.address(target) is None:
+            return Status.UNKNOWN_SERVER
+        link = self._link(target)
+        if link is None:
+            return Status.UNREACHABLE
+        status = Status(link.attach(vm_id, device, server_id=target, client_id=client_id))
+        if status == Status.OK:
+            key = (client_id, vm_id, device)
+            self.routes[key] = target
+            self._attached_on[key] = link
+        return status
+
+    def io(self, client_id: int, vm_id: int, device: str, kind: int, offset: int, size: int,
+           direction: int, data: int, hops: int, explicit: str = "") -> tuple[int, int]:
+        """Forward one access along its route; (status, value).
+
+        ``explicit`` is the server the request names, if any: it must be the route's.
+        """
+        key = (client_id, vm_id, device)
+        target = self.routes.get(key)
+        if explicit and explicit != target:
+            known = self.directory.address(explicit) is not None
+            return (Status.NOT_ATTACHED if known else Status.UNKNOWN_SERVER), 0
+        if target is None:
+            return Status.NOT_ATTACHED, 0
+        if hops >= MAX_HOPS:
+            return Status.HOP_LIMIT, 0
+        link = self._attached_on.get(key)
+        if link is None or not link.up:
+            link = self._reattach(key)
+            if link is None:
+                return Status.UNREACHABLE, 0
+        return link.io(vm_id, device, kind, offset, size, direction, data, server_id=target,
+                       client_id=client_id, hops=hops + 1)
+
+    def _reattach(self, key: RouteKey) -> ServerLink | None:
+        """The route's server went away: find it again (it may have moved)."""
+        client_id, vm_id, device = key
+        target = self.directory.lookup(device) or self.routes[key]
+        link = self._link(target)
+        if link is None:
+            return None
+        if link.attach(vm_id, device, server_id=target, client_id=client_id) != Status.OK:
+            return None
+        self.routes[key] = target
+        self._attached_on[key] = link
+        log.info("client %d vm %d: %s found again on server %s", client_id, vm_id, device,
+                 target)
+        return link
+
+    def detach(self, client_id: int, vm_id: int | None = None) -> None:
+        """Release forwarded sessions of a client (all its VMs when vm_id is None)."""
+        keys = [k for k in list(self.routes)
+                if k[0] == client_id and (vm_id is None or k[1] == vm_id)]
+        done: set[tuple[int, str]] = set()
+        for key in keys:
+            target = self.routes.pop(key, None)
+            link = self._attached_on.pop(key, None)
+            if link is not None and link.up and (key[1], target) not in done:
+                done.add((key[1], target))
+                link.detach(key[1], client_id=client_id)
+
+    def close(self) -> None:
+        for link in list(self._links.values()):
+            link.close()
+        self._links.clear()

@@ -1,0 +1,145 @@
+"""Byte streams under a protocol connection: plain TCP or mutual TLS.
+
+Both ends of remote-hw read a connection in one thread while other threads write to
+it (a vCPU sending while a leader reads; a backend thread raising an interrupt while
+the connection thread waits for the next request). A plain socket allows that. An
+OpenSSL connection does not: one SSL object must not be used by two threads at once.
+So the TLS transport keeps its socket non-blocking, makes every SSL call under a lock,
+and waits for readiness with poll() outside the lock.
+
+``recv`` returns bytes, ``b""`` at EOF, or None when ``read_slice`` seconds passed
+without data (so a caller can check its deadline); ``read_slice=None`` waits forever.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import struct
+import threading
+
+from remote_hw.security import Identity, KeyMaterialError, peer_identity
+
+RECV_SIZE = 65536
+
+
+class Transport:
+    """Plain TCP."""
+
+    identity: Identity | None = None
+
+    def __init__(self, sock: socket.socket, read_slice: float | None = None) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
+        if read_slice is not None:
+            # A kernel-side receive timeout: no poll() per read on the hot path, yet a
+            # reader wakes up every read_slice seconds to check its deadline.
+            tv = struct.pack("ll", int(read_slice), int((read_slice % 1) * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock = sock
+        # The server's hot path: recv_raw(size) -> bytes, b"" at EOF, None on timeout.
+        self.recv_raw = sock.recv
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self) -> bytes | None:
+        try:
+            return self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def has_buffered(self) -> bool:
+        """Bytes already decrypted and waiting (never for plain TCP)."""
+        return False
+
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    @property
+    def secure(self) -> bool:
+        return False
+
+
+class TlsTransport(Transport):
+    """Mutual TLS; safe for one reader and several writers at once."""
+
+    def __init__(self, sock: ssl.SSLSocket, read_slice: float | None = None) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.identity = peer_identity(sock)
+        sock.setblocking(False)
+        self.sock = sock
+        self.read_slice = read_slice
+        self._lock = threading.Lock()
+        self.recv_raw = lambda size: self.recv()
+
+    @classmethod
+    def wrap_server(cls, raw: socket.socket, ctx: ssl.SSLContext,
+                    handshake_timeout: float = 10.0) -> "TlsTransport":
+        """TLS handshake as the accepting side; raises ssl.SSLError/OSError/KeyMaterialError."""
+        raw.settimeout(handshake_timeout)
+        sock = ctx.wrap_socket(raw, server_side=True)
+        return cls(sock)
+
+    @classmethod
+    def wrap_client(cls, raw: socket.socket, ctx: ssl.SSLContext, read_slice: float | None,
+                    handshake_timeout: float = 10.0) -> "TlsTransport":
+        raw.settimeout(handshake_timeout)
+        sock = ctx.wrap_socket(raw, server_side=False)
+        return cls(sock, read_slice)
+
+    def _wait(self, events: int, timeout: float | None) -> bool:
+        p = select.poll()
+        p.register(self.sock.fileno(), events)
+        return bool(p.poll(None if timeout is None else int(timeout * 1000)))
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            with self._lock:
+                try:
+                    n = self.sock.send(view)
+                except ssl.SSLWantWriteError:
+                    n = 0
+                except ssl.SSLWantReadError:
+                    n = -1
+            if n > 0:
+                view = view[n:]
+            else:
+                self._wait(select.POLLOUT if n == 0 else select.POLLIN, 1.0)
+
+    def recv(self) -> bytes | None:
+        while True:
+            with self._lock:
+                try:
+                    return self.sock.recv(RECV_SIZE)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+                except ssl.SSLZeroReturnError:
+                    return b""
+            if not self._wait(select.POLLIN, self.read_slice):
+                return None
+
+    def has_buffered(self) -> bool:
+        with self._lock:
+            return self.sock.pending() > 0
+
+    @property
+    def secure(self) -> bool:
+        return True
+
+
+__all__ = ["Transport", "TlsTransport", "KeyMaterialError", "RECV_SIZE"]

@@ -1,0 +1,204 @@
+"""Forwarding between servers on loopback: entry server a, device server b."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+from remote_hw.client.link import ServerLink
+from remote_hw.config import DeviceSpec
+from remote_hw.protocol.messages import AccessKind, Direction, Status
+from remote_hw.server.controller import Controller
+from remote_hw.server.directory import StaticDirectory
+from remote_hw.server.net import Server
+
+R, W, PORT = Direction.READ, Direction.WRITE, AccessKind.PORT
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def make_b(port: int = 0) -> Server:
+    return Server(Controller("b", [DeviceSpec("uart0", "uart16550")]), "127.0.0.1",
+                  port).start()
+
+
+def make_a(b_addr, routes=None, extra_servers=None) -> Server:
+    servers = {"b": b_addr, **(extra_servers or {})}
+    return Server(Controller("a", [DeviceSpec("rtc0", "cmos-rtc")]), "127.0.0.1", 0,
+                  directory=StaticDirectory(servers, routes or {"uart0": "b"}),
+                  forward_timeout=2.0).start()
+
+
+class Irqs:
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, vm, dev, line, level, client_id=0) -> None:
+        with self.cond:
+            self.seen.append((vm, dev, level))
+            self.cond.notify_all()
+
+    def wait_for(self, item, timeout=5.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: item in self.seen, timeout)
+
+
+@pytest.fixture
+def platform():
+    b = make_b()
+    a = make_a(b.address)
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def test_request_reaches_device_on_b_through_a(platform):
+    a, b = platform
+    irqs = Irqs()
+    link = ServerLink("a", a.address, on_interrupt=irqs).connect()
+    try:
+        assert link.attach(1, "uart0") == Status.OK
+        assert link.io(1, "uart0", PORT, 7, 1, W, 0x5C)[0] == Status.OK
+        assert link.io(1, "uart0", PORT, 7, 1, R) == (Status.OK, 0x5C)
+        # the instance lives on b, keyed by b's own id for this client
+        (inst,) = b.controller.instances()
+        assert inst.reads == 1 and inst.writes == 1
+        assert a.controller.instances() == []  # a keeps no device state of b's
+        # a local device of a still works on the same link
+        assert link.attach(1, "rtc0") == Status.OK
+        # interrupts from b's device come back to this VM through a
+        assert link.io(1, "uart0", PORT, 4, 1, W, 0x08)[0] == Status.OK
+        assert link.io(1, "uart0", PORT, 1, 1, W, 0x02)[0] == Status.OK  # THRE interrupt
+        assert irqs.wait_for((1, "uart0", True))
+    finally:
+        link.close()
+
+
+def test_two_clients_through_a_keep_separate_instances(platform):
+    a, b = platform
+    i1, i2 = Irqs(), Irqs()
+    l1 = ServerLink("a", a.address, on_interrupt=i1).connect()
+    l2 = ServerLink("a", a.address, on_interrupt=i2).connect()
+    try:
+        for link in (l1, l2):
+            assert link.attach(5, "uart0") == Status.OK  # same VM id on both
+        assert l1.io(5, "uart0", PORT, 7, 1, W, 0x01)[0] == Status.OK
+        assert l2.io(5, "uart0", PORT, 7, 1, W, 0x02)[0] == Status.OK
+        assert l1.io(5, "uart0", PORT, 7, 1, R) == (Status.OK, 0x01)
+        assert l2.io(5, "uart0", PORT, 7, 1, R) == (Status.OK, 0x02)
+        assert len(b.controller.instances()) == 2
+        assert l1.io(5, "uart0", PORT, 4, 1, W, 0x08)[0] == Status.OK
+        assert l1.io(5, "uart0", PORT, 1, 1, W, 0x02)[0] == Status.OK
+        assert i1.wait_for((5, "uart0", True))
+        time.sleep(0.2)
+        assert i2.seen == []  # client 2 never sees client 1's interrupt
+    finally:
+        l1.close()
+        l2.close()
+    deadline = time.monotonic() + 5
+    while b.controller.instances() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b.controller.instances() == []  # clients gone from a -> detached on b too
+
+
+def test_naming_the_target_server(platform):
+    a, b = platform
+    link = ServerLink("a", a.address).connect()
+    try:
+        assert link.attach(1, "uart0", server_id="b") == Status.OK
+        assert link.io(1, "uart0", PORT, 5, 1, R, server_id="b") == (Status.OK, 0x60)
+        assert link.attach(1, "uart0", server_id="zz") == Status.UNKNOWN_SERVER
+        assert link.io(1, "uart0", PORT, 5, 1, R, server_id="zz")[0] == Status.UNKNOWN_SERVER
+        assert link.attach(1, "rtc0", server_id="b") == Status.UNKNOWN_DEVICE  # not on b
+        assert link.attach(1, "nosuch") == Status.UNKNOWN_DEVICE
+    finally:
+        link.close()
+
+
+def test_stale_directory_cannot_make_a_loop():
+    """a thinks uart9 is on b, b thinks it is on a. A forwarded request names its
+    target, so b answers for itself instead of sending it back: no loop."""
+    pa, pb = free_port(), free_port()
+    table = {"a": ("127.0.0.1", pa), "b": ("127.0.0.1", pb)}
+    a = Server(Controller("a", []), "127.0.0.1", pa,
+               directory=StaticDirectory(table, {"uart9": "b"})).start()
+    b = Server(Controller("b", []), "127.0.0.1", pb,
+               directory=StaticDirectory(table, {"uart9": "a"})).start()
+    link = ServerLink("a", a.address).connect()
+    try:
+        assert link.attach(1, "uart9") == Status.UNKNOWN_DEVICE
+        assert link.io(1, "uart0", PORT, 0, 1, R)[0] == Status.UNKNOWN_DEVICE
+    finally:
+        link.close()
+        a.stop()
+        b.stop()
+
+
+def test_hop_count_is_bounded(platform):
+    """A request that already crossed MAX_HOPS servers is not forwarded again."""
+    from remote_hw.protocol import Connection, Role
+    from remote_hw.protocol import messages as m
+    from remote_hw.server.forward import MAX_HOPS
+    a, b = platform
+    sock = socket.create_connection(a.address, timeout=5)
+    conn = Connection(Role.CLIENT)
+
+    def roundtrip(msg):
+        sock.sendall(conn.send(msg))
+        while True:
+            ev = conn.next_event()
+            if isinstance(ev, (m.Welcome, m.Feedback)):
+                return ev
+            conn.receive_data(sock.recv(4096))
+    try:
+        roundtrip(m.Hello(name="raw"))
+        assert roundtrip(m.Attach(request_id=1, vm_id=1, device_id="uart0")).status == 0
+        ok = roundtrip(m.IoRequest(request_id=2, vm_id=1, offset=5, kind=PORT, size=1,
+                                   direction=R, device_id="uart0", hops=MAX_HOPS - 1))
+        assert (ok.status, ok.data) == (Status.OK, 0x60)
+        fb = roundtrip(m.IoRequest(request_id=3, vm_id=1, offset=5, kind=PORT, size=1,
+                                   direction=R, device_id="uart0", hops=MAX_HOPS))
+        assert fb.status == Status.HOP_LIMIT
+    finally:
+        sock.close()
+
+
+def test_device_server_gone_and_back(caplog):
+    caplog.set_level(logging.INFO, logger="remote_hw")
+    port = free_port()
+    b = make_b(port)
+    a = make_a(("127.0.0.1", port))
+    link = ServerLink("a", a.address, timeout=3.0).connect()
+    try:
+        assert link.attach(1, "uart0") == Status.OK
+        assert link.io(1, "uart0", PORT, 7, 1, W, 0x33)[0] == Status.OK
+        b.stop()
+        # removed device: fails at once, the entry server and the client stay up
+        assert link.io(1, "uart0", PORT, 7, 1, R)[0] == Status.UNREACHABLE
+        assert link.io(1, "uart0", PORT, 7, 1, R)[0] == Status.UNREACHABLE
+        assert link.up
+        b = make_b(port)  # restarted, same address
+        deadline = time.monotonic() + 10
+        status = None
+        while time.monotonic() < deadline:
+            status, value = link.io(1, "uart0", PORT, 7, 1, R)
+            if status == Status.OK:
+                break
+            time.sleep(0.2)
+        assert status == Status.OK and value == 0  # found again: a fresh instance
+        assert "found again" in caplog.text
+    finally:
+        link.close()
+        a.stop()
+        b.stop()

@@ -8,6 +8,7 @@ timeouts only bound a broken run.
 
 from __future__ import annotations
 
+import re
 import hashlib
 import importlib.util
 import os
@@ -22,8 +23,14 @@ from remote_hw.client.vmm import STATUS_HALTED, Vm, debug_exit_status
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_SH = ROOT / "guests" / "build.sh"
-GUESTS = {"hello.bin", "echo.bin", "rtc.bin", "ioloop.bin", "hello32.elf", "hello64.elf",
-          "mmio64.elf"}
+def _declared_guests() -> set[str]:
+    """Every image guests/build.sh says it builds (its 'raw NAME' / 'elf NAME' lines)."""
+    text = (Path(__file__).resolve().parent.parent / "guests" / "build.sh").read_text()
+    return {f"{n}.bin" for n in re.findall(r"^raw (\S+)", text, re.M)} | \
+        {f"{n}.elf" for n in re.findall(r"^elf (\S+)", text, re.M)}
+
+
+GUESTS = _declared_guests()
 RUN_TIMEOUT = 30
 WAIT = 30
 

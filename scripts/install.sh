@@ -5,9 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages by purpose. binutils builds the guests; iproute2 makes the network
-# namespaces of the multi-host rig.
-APT_PACKAGES=(binutils iproute2 ca-certificates)
+# System packages by purpose: binutils builds the guests; iproute2 makes the network
+# namespaces of the multi-host rig; etcd-server/etcd-client are the shared directory.
+APT_PACKAGES=(binutils iproute2 ca-certificates etcd-server etcd-client)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -97,6 +97,7 @@ class VmHandle:
     status: int | None = None
     error: str | None = None
     thread: threading.Thread | None = None
+    interrupts: int = 0  # interrupt level changes delivered to this VM
 
 
 class Agent:
@@ -108,8 +109,8 @@ class Agent:
                  link_factory: Callable[..., ServerLink] = ServerLink) -> None:
         # server name -> entry server name, for servers reached through another one
         self.vias = dict(vias or {})
-        # (server, vm id, device) -> (vm, guest irq): the delivery table for interrupts.
-        self._irq_routes: dict[tuple[str, int, str], tuple[Vm, int]] = {}
+        # (link, vm id, device) -> (vm, guest irq): the delivery table for interrupts.
+        self._irq_routes: dict[tuple[str, int, str], tuple[VmHandle, int]] = {}
         self.links: dict[str, ServerLink] = {
             name: link_factory(name, addr, client_name=client_name, timeout=timeout,
                                on_interrupt=self._interrupt_cb(name),
@@ -130,6 +131,7 @@ class Agent:
         try:
             vm.load_image(config.image)
             handle = VmHandle(config, vm)
+            routes = {}
             for spec in config.maps:
                 link = self.links.get(spec.server)
                 target = ""
@@ -145,10 +147,11 @@ class Agent:
                     bus.map_mmio(spec.start, spec.end, dev)
                 handle.devices.append(dev)
                 if spec.irq is not None:
-                    self._irq_routes[(link.name, config.vm_id, spec.device)] = (vm, spec.irq)
+                    routes[(link.name, config.vm_id, spec.device)] = (handle, spec.irq)
         except BaseException:
             vm.close()
             raise
+        self._irq_routes.update(routes)
         self.vms[config.vm_id] = handle
         return handle
 
@@ -175,8 +178,9 @@ class Agent:
                 log.warning("server %s sent an interrupt for vm %d device %s, which this "
                             "agent does not route; dropped", server, vm_id, device)
                 return
-            vm, irq = route
-            vm.set_irq(irq, level)
+            handle, irq = route
+            handle.interrupts += 1
+            handle.vm.set_irq(irq, level)
         return deliver
 
     def _event_cb(self, server: str) -> Callable[[int, str, str, int], None]:
@@ -232,4 +236,7 @@ class Agent:
                     link.detach(vm_id)
             link.close()
         for handle in self.vms.values():
+            log.info("vm %d: %d accesses forwarded, %d interrupt changes delivered",
+                     handle.config.vm_id, sum(d.forwarded for d in handle.devices),
+                     handle.interrupts)
             handle.vm.close()

@@ -83,7 +83,10 @@ class TlsTransport(Transport):
         sock.setblocking(False)
         self.sock = sock
         self.read_slice = read_slice
+        self._slice_ms = None if read_slice is None else int(read_slice * 1000)
         self._lock = threading.Lock()
+        self._rpoll = select.poll()  # only the one reader thread polls with it
+        self._rpoll.register(sock.fileno(), select.POLLIN)
         self.recv_raw = lambda size: self.recv()
 
     @classmethod
@@ -122,16 +125,19 @@ class TlsTransport(Transport):
                 self._wait(select.POLLOUT if n == 0 else select.POLLIN, 1.0)
 
     def recv(self) -> bytes | None:
+        sock = self.sock
         while True:
+            # Wait first unless OpenSSL already holds decrypted bytes: after a request
+            # the answer is rarely there yet, and a failed SSL read costs an exception.
+            if not sock.pending() and not self._rpoll.poll(self._slice_ms):
+                return None
             with self._lock:
                 try:
-                    return self.sock.recv(RECV_SIZE)
+                    return sock.recv(RECV_SIZE)
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                    pass
+                    pass  # a partial record: wait for the rest
                 except ssl.SSLZeroReturnError:
                     return b""
-            if not self._wait(select.POLLIN, self.read_slice):
-                return None
 
     def has_buffered(self) -> bool:
         with self._lock:

@@ -31,6 +31,8 @@ raw hello
 raw echo
 raw rtc
 raw ioloop
+raw kbd
+raw reset
 raw ticker
 elf hello32 32
 elf hello64 64

@@ -73,7 +73,8 @@ def connect(b: TcpBackend) -> socket.socket:
 
 
 def test_registry() -> None:
-    assert BACKENDS == {"tcp": TcpBackend, "file": FileBackend}
+    from remote_hw.backends.tty import TtyBackend
+    assert BACKENDS == {"tcp": TcpBackend, "file": FileBackend, "tty": TtyBackend}
 
 
 def test_tcp_both_directions(tcp) -> None:
@@ -94,14 +95,18 @@ def test_tcp_both_directions(tcp) -> None:
     assert st["bytes_to_guest"] == 11 and st["bytes_from_guest"] == 10
 
 
-def test_tcp_drops_without_peer(tcp) -> None:
+def test_tcp_keeps_recent_output_for_the_next_peer(tcp) -> None:
+    from remote_hw.backends.tcp import HOLD_LIMIT
     b = tcp()
-    b.from_guest(b"nobody listens")
-    assert b.status()["dropped"] == 14
+    b.from_guest(b"x" * HOLD_LIMIT)
+    b.from_guest(b"banner\r\n")  # the oldest 8 bytes fall out of the scrollback
+    assert b.status()["dropped"] == 8
     with connect(b) as peer:
         assert wait_for(lambda: b.connected)
+        got = recv_exactly(peer, HOLD_LIMIT)
+        assert got.endswith(b"banner\r\n") and got.count(b"x") == HOLD_LIMIT - 8
         b.from_guest(b"now")
-        assert recv_exactly(peer, 3) == b"now"   # the dropped bytes never show up
+        assert recv_exactly(peer, 3) == b"now"
 
 
 def test_tcp_second_peer_is_busy_then_next_accepted(tcp) -> None:

@@ -196,6 +196,30 @@ def test_thr_write_transmits_and_rearms_thre(uart: Uart16550, irq: RecordingIrq)
     assert uart.status()["tx_bytes"] == 2
 
 
+def test_thr_write_pulses_a_thre_only_line(uart: Uart16550, irq: RecordingIrq) -> None:
+    """Each THR write is a new edge for an edge-triggered 8259 (QEMU and the silicon
+    drop the line on the write and raise it when the THR is empty again), so a driver
+    that writes one byte per interrupt without reading IIR keeps getting interrupts."""
+    w(uart, IER, 0x02)
+    assert irq.calls == [True]
+    w(uart, THR, ord("a"))
+    w(uart, THR, ord("b"))
+    assert irq.calls == [True, False, True, False, True]
+    # With another source pending (RX data), the line stays up: no edge, as in QEMU.
+    w(uart, IER, 0x03)
+    uart.feed(b"x")
+    del irq.calls[:]
+    w(uart, THR, ord("c"))
+    assert irq.calls == []
+    # With OUT2 off nothing reaches the line at all.
+    r(uart, RBR)
+    w(uart, MCR, 0x00)
+    del irq.calls[:]
+    w(uart, THR, ord("d"))
+    assert irq.calls == []
+    assert bytes(uart.sent) == b"abcd"   # type: ignore[attr-defined]
+
+
 def test_divisor_latch(uart: Uart16550) -> None:
     w(uart, IER, 0x05)
     w(uart, LCR, 0x83)                  # DLAB | 8N1

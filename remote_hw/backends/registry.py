@@ -5,10 +5,12 @@ from __future__ import annotations
 from .base import BackendError, StreamBackend
 from .file import FileBackend
 from .tcp import TcpBackend
+from .tty import TtyBackend
 
 BACKENDS: dict[str, type[StreamBackend]] = {
     TcpBackend.name: TcpBackend,
     FileBackend.name: FileBackend,
+    TtyBackend.name: TtyBackend,
 }
 
 

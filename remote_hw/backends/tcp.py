@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 # Bytes queued for a slow peer before further guest output is dropped; the guest
 # must never wait for a person's terminal.
 OUT_LIMIT = 1 << 20
+# While nobody is connected, the most recent guest output is kept (like a console's
+# scrollback) and sent to the next peer on connect: a person who connects after the
+# guest printed its banner still sees it.
+HOLD_LIMIT = 64 << 10
 RECV_SIZE = 65536
 
 
@@ -116,14 +120,18 @@ class TcpBackend(StreamBackend):
         self._thread.start()
 
     def from_guest(self, data: bytes) -> None:
-        """Send to the peer without blocking; queue the rest (bounded); drop and count
-        when no peer is connected."""
+        """Send to the peer without blocking; queue the rest (bounded). With no peer,
+        keep the last HOLD_LIMIT bytes for the next one; count what is dropped."""
         if not data:
             return
         with self._lock:
             peer = self._peer
             if peer is None:
-                self.dropped += len(data)
+                self._outbuf += data
+                excess = len(self._outbuf) - HOLD_LIMIT
+                if excess > 0:
+                    self.dropped += excess
+                    del self._outbuf[:excess]
                 return
             if not self._outbuf:
                 try:

@@ -6,11 +6,13 @@ from typing import Any
 
 from .base import Device
 from .cmos_rtc import CmosRtc
+from .i8042 import I8042
 from .uart16550 import Uart16550
 
 DEVICE_KINDS: dict[str, type[Device]] = {
     Uart16550.kind: Uart16550,
     CmosRtc.kind: CmosRtc,
+    I8042.kind: I8042,
 }
 
 

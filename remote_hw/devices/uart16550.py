@@ -366,15 +366,21 @@ class Uart16550(StreamDevice):
         return self.divisor >> 8
 
     def _write_thr(self, b: int) -> None:
+        # Writing THR clears the THR-empty interrupt: if it was the only source, the
+        # line falls now ...
+        self._thr_ipending = False
+        self._update_irq()
         if self.mcr & MCR_LOOP:
             self.loopback_bytes += 1
             self._receive_internal(b)
         else:
             self.tx_bytes += 1
             self.tx_sink(bytes((b,)))
-        # Writing THR clears the THR-empty interrupt; the byte leaves at once, so the
-        # holding register is empty again and the interrupt re-arms, exactly as it
-        # would a character time later on the silicon.
+        # ... and the byte leaves at once, so the holding register is empty again and
+        # the interrupt re-arms (write() raises the line again), as it would a
+        # character time later on the silicon. The fall and rise are one edge for an
+        # edge-triggered 8259: a driver that writes one byte per interrupt gets the
+        # next interrupt, exactly as QEMU's model gives it.
         self._thr_ipending = True
 
     def _write_ier(self, v: int) -> None:

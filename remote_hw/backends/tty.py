@@ -1,0 +1,453 @@
+"""``tty:PATH[@BAUD]`` - a real serial port as the far side of a UART model.
+
+Exports a tty of the server (its own UART ``/dev/ttyS0``, a USB adapter
+``/dev/ttyUSB0``, a stable ``/dev/serial/by-id/...`` link, a pty) so that what the
+guest transmits leaves on the real line and what arrives on the line reaches the
+guest. The port is put in raw mode (8N1, no echo, no line editing, no signals, no
+CR/NL translation, no flow control) with termios; the original settings are put back
+on close. ``@BAUD`` sets the line speed (default: leave it as it is).
+
+``{index}`` in PATH is replaced by the instance's index, so per-VM instances can use
+different ports (``tty:/dev/ttyUSB{index}``); without it only instance 0 may open the
+port (a tty cannot be shared between two instances; configure the device ``shared``).
+
+Hot-plug: when the port goes away (a USB adapter pulled: reads fail with EIO or
+hang up), guest output is dropped and counted, and the port is reopened as soon as
+PATH exists again, so re-plugging the adapter resumes the export by itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import select
+import termios
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from remote_hw.config import (ConfigError, DeviceSpec, check_ident, parse_address,
+                              parse_int)
+
+from .base import BackendError, StreamBackend, ToGuest
+
+log = logging.getLogger(__name__)
+
+OUT_LIMIT = 1 << 20        # guest bytes queued for a slow line before dropping
+READ_SIZE = 4096
+REOPEN_INTERVAL = 0.5      # seconds between attempts to reopen a vanished port
+
+INDEX_PLACEHOLDER = "{index}"
+
+_BAUDS = {int(name[1:]): getattr(termios, name) for name in dir(termios)
+          if name.startswith("B") and name[1:].isdigit()}
+
+
+def parse_tty_arg(arg: str, index: int = 0) -> tuple[str, int | None]:
+    """``PATH[@BAUD]`` -> (path for instance ``index``, baud or None)."""
+    path, sep, baud_text = arg.rpartition("@") if "@" in arg else (arg, "", "")
+    if not path:
+        raise BackendError("tty: no device path given (expected tty:PATH[@BAUD], "
+                           "e.g. tty:/dev/ttyUSB0@115200)")
+    baud = None
+    if sep:
+        try:
+            baud = int(baud_text, 10)
+        except ValueError:
+            raise BackendError(f"tty: bad baud rate {baud_text!r} in {arg!r}") from None
+        if baud not in _BAUDS:
+            known = ", ".join(str(b) for b in sorted(_BAUDS) if b >= 1200)
+            raise BackendError(f"tty: unsupported baud rate {baud} (one of {known})")
+    if INDEX_PLACEHOLDER in path:
+        path = path.replace(INDEX_PLACEHOLDER, str(index))
+    elif index > 0:
+        raise BackendError(f"tty: {path} is already used by instance 0 of this device; "
+                           "make the device shared or put {index} in the path")
+    return path, baud
+
+
+def raw_attrs(attrs: list[Any], baud: int | None = None) -> list[Any]:
+    """termios attributes for a raw 8N1 line (what cfmakeraw does, plus CLOCAL and
+    CREAD, and no software flow control), optionally at ``baud``."""
+    iflag, oflag, cflag, lflag, ispeed, ospeed, cc = attrs
+    iflag &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
+               | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON
+               | termios.IXOFF | termios.IXANY | termios.INPCK)
+    oflag &= ~termios.OPOST
+    lflag &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG
+               | termios.IEXTEN)
+    cflag &= ~(termios.CSIZE | termios.PARENB | termios.CSTOPB | termios.CRTSCTS)
+    cflag |= termios.CS8 | termios.CREAD | termios.CLOCAL
+    cc = list(cc)
+    cc[termios.VMIN] = 1
+    cc[termios.VTIME] = 0
+    if baud is not None:
+        ispeed = ospeed = _BAUDS[baud]
+    return [iflag, oflag, cflag, lflag, ispeed, ospeed, cc]
+
+
+class TtyBackend(StreamBackend):
+    """Relay bytes between a real tty and the guest (see the module docstring).
+
+    The port is opened and put in raw mode in the constructor, so a missing port or
+    a non-tty path raises BackendError before the device is exposed. Counters:
+    ``bytes_to_guest``, ``bytes_from_guest`` (written to the port), ``dropped``
+    (guest bytes while the port was gone or over the queue limit), ``reopened``.
+    """
+
+    name = "tty"
+
+    def __init__(self, arg: str, label: str, index: int = 0) -> None:
+        super().__init__(arg, label, index)
+        self.path, self.baud = parse_tty_arg(arg, index)
+        self._lock = threading.Lock()      # guards _fd, _outbuf and the counters
+        self._fd = -1
+        self._saved: list[Any] | None = None
+        self._outbuf = bytearray()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._thread: threading.Thread | None = None
+        self._to_guest: ToGuest | None = None
+        self._closed = False
+        self.bytes_to_guest = 0
+        self.bytes_from_guest = 0
+        self.dropped = 0
+        self.reopened = 0
+        try:
+            self._open()
+        except BackendError:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise
+
+    # -- the port ----------------------------------------------------------------------
+
+    def _open(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise BackendError(f"tty: cannot open {self.path}: {e.strerror}") from None
+        try:
+            if not os.isatty(fd):
+                raise BackendError(f"tty: {self.path} is not a terminal device")
+            saved = termios.tcgetattr(fd)
+            termios.tcsetattr(fd, termios.TCSANOW, raw_attrs(saved, self.baud))
+            termios.tcflush(fd, termios.TCIFLUSH)    # stale input is not the guest's
+        except termios.error as e:
+            os.close(fd)
+            raise BackendError(f"tty: cannot set {self.path} to raw mode: {e.args[-1]}") from None
+        except BackendError:
+            os.close(fd)
+            raise
+        with self._lock:
+            self._fd = fd
+            self._saved = saved
+
+    def _drop_port_locked(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        if self._saved is not None:
+            try:
+                termios.tcsetattr(fd, termios.TCSANOW, self._saved)
+            except termios.error:
+                pass     # the device is gone; nothing to restore
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        if self._outbuf:
+            self.dropped += len(self._outbuf)
+            self._outbuf.clear()
+
+    # -- StreamBackend -----------------------------------------------------------------
+
+    def start(self, to_guest: ToGuest) -> None:
+        """Start the I/O thread; bytes from the line go to ``to_guest``."""
+        if self._closed:
+            raise BackendError(f"tty: {self.label}: backend is closed")
+        if self._thread is not None:
+            raise RuntimeError("TtyBackend.start() called twice")
+        self._to_guest = to_guest
+        self._thread = threading.Thread(target=self._run, name=f"remote-hw tty {self.label}",
+                                        daemon=True)
+        self._thread.start()
+
+    def from_guest(self, data: bytes) -> None:
+        """Write to the port without blocking; queue the rest (bounded); drop and
+        count while the port is gone."""
+        if not data:
+            return
+        with self._lock:
+            fd = self._fd
+            if fd < 0:
+                self.dropped += len(data)
+                return
+            if not self._outbuf:
+                try:
+                    n = os.write(fd, data)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError:
+                    self.dropped += len(data)   # gone; the I/O thread notices
+                    return
+                self.bytes_from_guest += n
+                if n == len(data):
+                    return
+                data = data[n:]
+            room = OUT_LIMIT - len(self._outbuf)
+            if len(data) > room:
+                self.dropped += len(data) - room
+                data = data[:room]
+            self._outbuf += data
+        self._wake()
+
+    def close(self) -> None:
+        """Stop the thread, restore the port's settings and close it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        with self._lock:
+            self._drop_port_locked()
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._wake_r = self._wake_w = -1
+
+    def describe(self) -> str:
+        return f"tty:{self.path}" + (f"@{self.baud}" if self.baud else "")
+
+    @property
+    def connected(self) -> bool:
+        """Whether the port is open now."""
+        return self._fd >= 0
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"path": self.path, "baud": self.baud, "connected": self._fd >= 0,
+                    "queued": len(self._outbuf), "bytes_to_guest": self.bytes_to_guest,
+                    "bytes_from_guest": self.bytes_from_guest, "dropped": self.dropped,
+                    "reopened": self.reopened}
+
+    # -- I/O thread --------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._lock:
+            if self._wake_w < 0:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception:   # keep the server alive; the backend just stops serving
+            log.exception("tty backend %s failed", self.label)
+
+    def _loop(self) -> None:
+        poller = select.poll()
+        wake = self._wake_r
+        poller.register(wake, select.POLLIN)
+        registered = -1
+        while not self._closed:
+            with self._lock:
+                fd = self._fd
+                want_write = fd >= 0 and bool(self._outbuf)
+            if fd != registered:
+                if registered >= 0:
+                    try:
+                        poller.unregister(registered)
+                    except (KeyError, ValueError):
+                        pass
+                registered = fd
+            if fd >= 0:
+                poller.register(fd, select.POLLIN | (select.POLLOUT if want_write else 0))
+                events = poller.poll()
+            else:
+                events = poller.poll(REOPEN_INTERVAL * 1000)
+                if self._closed:
+                    return
+                if not any(f == wake for f, _ in events):
+                    self._try_reopen()
+            if self._closed:
+                return
+            for f, ev in events:
+                if f == wake:
+                    try:
+                        while os.read(wake, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                elif f == fd:
+                    if ev & select.POLLOUT:
+                        self._flush(fd)
+                    if ev & (select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                        self._receive(fd, ev)
+
+    def _try_reopen(self) -> None:
+        if not os.path.exists(self.path):
+            return
+        try:
+            self._open()
+        except BackendError as e:
+            log.debug("tty backend %s: %s", self.label, e)
+            return
+        with self._lock:
+            self.reopened += 1
+        log.warning("tty backend %s: %s is back; exporting it again", self.label, self.path)
+
+    def _lost(self, fd: int, why: str) -> None:
+        with self._lock:
+            if self._fd != fd:
+                return
+            self._drop_port_locked()
+        log.warning("tty backend %s: %s went away (%s); guest output is dropped until "
+                    "it returns", self.label, self.path, why)
+
+    def _flush(self, fd: int) -> None:
+        with self._lock:
+            if self._fd != fd or not self._outbuf:
+                return
+            try:
+                n = os.write(fd, self._outbuf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                err = e
+            else:
+                self.bytes_from_guest += n
+                del self._outbuf[:n]
+                return
+        self._lost(fd, err.strerror or str(err))
+
+    def _receive(self, fd: int, ev: int) -> None:
+        try:
+            data = os.read(fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                self._lost(fd, "hang-up")
+            return
+        except OSError as e:
+            self._lost(fd, e.strerror or errno.errorcode.get(e.errno or 0, "error"))
+            return
+        if not data:
+            self._lost(fd, "end of file")
+            return
+        with self._lock:
+            self.bytes_to_guest += len(data)
+        to_guest = self._to_guest
+        if to_guest is not None:
+            try:
+                to_guest(data)
+            except Exception:
+                log.exception("tty backend %s: delivering to the guest failed", self.label)
+
+
+# -- udev-driven export ------------------------------------------------------------
+#
+# `remote-hw export NAME` (started by remote-hw-export@NAME.service when udev sees a
+# tty tagged for export) serves one UART model whose far side is that tty. Its
+# settings come from the command line, else from REMOTE_HW_* properties the admin's
+# udev rule put on the device, else from defaults derived from the kernel name.
+
+EXPORT_BASE_PORT = 7710
+EXPORT_DEFAULT_HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Everything `remote-hw export` needs to serve one exported tty."""
+
+    devnode: str                 # /dev/ttyUSB0
+    name: str                    # ttyUSB0 (the unit's instance name)
+    device: DeviceSpec           # uart1=uart16550,backend=tty:/dev/ttyUSB0
+    listen: tuple[str, int]
+    server_id: str
+
+    def describe(self) -> str:
+        return (f"export {self.devnode} as {self.server_id}/{self.device.id} "
+                f"({self.device.kind}) on {self.listen[0]}:{self.listen[1]}")
+
+
+def resolve_devnode(name: str) -> str:
+    """The device node of ``name``: a path (``/dev/ttyUSB0``), a node under /dev
+    (``ttyUSB0``, ``pts/3``) or a kernel name whose node sysfs knows."""
+    if name.startswith("/"):
+        if os.path.exists(name):
+            return name
+        raise LookupError(f"{name} does not exist")
+    candidate = os.path.join("/dev", name)
+    if os.path.exists(candidate):
+        return candidate
+    uevent = os.path.join("/sys/class/tty", name, "uevent")
+    try:
+        with open(uevent) as f:
+            for line in f:
+                if line.startswith("DEVNAME="):
+                    node = os.path.join("/dev", line.split("=", 1)[1].strip())
+                    if os.path.exists(node):
+                        return node
+    except OSError:
+        pass
+    raise LookupError(f"no device node for {name!r} (looked in /dev and /sys/class/tty)")
+
+
+def udev_properties(devnode: str) -> dict[str, str]:
+    """The udev properties of ``devnode`` (including the REMOTE_HW_* ones rules set),
+    or {} when pyudev or the udev database (no udevd) is not there."""
+    try:
+        import pyudev
+        device = pyudev.Devices.from_device_file(pyudev.Context(), devnode)
+        return {k: device.properties[k] for k in device.properties}
+    except Exception:   # ImportError, DeviceNotFoundError, permission: no properties
+        return {}
+
+
+def _ident(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text).strip("-")[:64] or "tty"
+
+
+def export_settings(name: str, *, properties: dict[str, str] | None = None,
+                    device_id: str | None = None, server_id: str | None = None,
+                    listen: tuple[str, int] | None = None, baud: int | None = None,
+                    kind: str | None = None) -> ExportSettings:
+    """Settings for exporting the tty ``name`` (see resolve_devnode). Explicit
+    arguments win over udev ``properties`` (REMOTE_HW_DEVICE, REMOTE_HW_SERVER_ID,
+    REMOTE_HW_LISTEN, REMOTE_HW_BAUD, REMOTE_HW_KIND), which win over defaults.
+    Raises LookupError for a missing device, ConfigError for a bad value."""
+    devnode = resolve_devnode(name)
+    props = properties or {}
+    short = _ident(os.path.relpath(devnode, "/dev") if devnode.startswith("/dev/")
+                   else os.path.basename(devnode))
+    dev_id = check_ident(device_id or props.get("REMOTE_HW_DEVICE") or short, "device id")
+    srv_id = check_ident(server_id or props.get("REMOTE_HW_SERVER_ID") or
+                         _ident(f"export-{short}"), "server id")
+    if listen is None:
+        text = props.get("REMOTE_HW_LISTEN")
+        if text:
+            listen = parse_address(text, "REMOTE_HW_LISTEN")
+        else:
+            m = re.search(r"(\d+)$", short)
+            listen = (EXPORT_DEFAULT_HOST, EXPORT_BASE_PORT + (int(m.group(1)) if m else 0))
+    if baud is None and props.get("REMOTE_HW_BAUD"):
+        baud = parse_int(props["REMOTE_HW_BAUD"], "REMOTE_HW_BAUD")
+    model = kind or props.get("REMOTE_HW_KIND") or "uart16550"
+    backend = f"tty:{devnode}" + (f"@{baud}" if baud else "")
+    try:
+        parse_tty_arg(backend[4:])
+    except BackendError as e:
+        raise ConfigError(str(e)) from None
+    return ExportSettings(devnode, short, DeviceSpec(dev_id, model, backend=backend),
+                          listen, srv_id)

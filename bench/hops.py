@@ -63,7 +63,8 @@ def _ns(host: str, argv: list[str], pinned: bool) -> list[str]:
 
 
 def _server(host: str, argv: list[str], pinned: bool) -> subprocess.Popen:
-    p = subprocess.Popen(_ns(host, [sys.executable, "-m", "remote_hw.cli", "server", *argv],
+    p = subprocess.Popen(_ns(host, [sys.executable, "-m", "remote_hw.cli", "server",
+                                    "--no-mount", *argv],
                              pinned), cwd=ROOT, stderr=subprocess.PIPE, text=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     for line in p.stderr:

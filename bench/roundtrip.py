@@ -183,6 +183,7 @@ def pingpong(count: int, preexec) -> list[float]:
 def forwarded(count: int, preexec) -> list[float]:
     server = subprocess.Popen(
         [sys.executable, "-m", "remote_hw.cli", "server", "--listen", "127.0.0.1:0",
+         "--no-mount",
          "--device", "uart0=uart16550", "--log-level", "info"],
         stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=preexec,
         env=dict(os.environ, PYTHONPATH=str(ROOT)))

@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["debug", "info", "warning", "error"],
                         help="how much to log on stderr (default: info)")
 
+    def mount(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--mount", metavar="DIR", default=None,
+                        help="where to mount the FUSE view of the devices (default: "
+                             "/run/remote-hw/SERVER-ID, skipped with a warning where FUSE "
+                             "is unavailable; with --mount a failure is an error)")
+        sp.add_argument("--no-mount", action="store_true",
+                        help="do not mount the FUSE view")
+
     s = sub.add_parser("server", help="serve software devices to clients over TCP",
                        description="Serve software devices to clients over TCP.")
     s.add_argument("--listen", type=_typed(lambda t: parse_address(t, "listen address")),
@@ -97,7 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="DEVICE=NAME[,NAME...]",
                    help="only these client certificates may use DEVICE (needs TLS); repeat")
     tls(s, "server")
+    mount(s)
     common(s)
+
+    e = sub.add_parser("export", help="serve a serial port of this machine as a 16550 "
+                                      "(started by udev through systemd)",
+                       description="Export a tty of this machine as the far side of a "
+                                   "16550 model, on a server of its own. Started by "
+                                   "remote-hw-export@NAME.service when udev sees a port "
+                                   "tagged for export (docs/udev.md).")
+    e.add_argument("name", metavar="NAME",
+                   help="the port: a kernel name (ttyUSB0), a node under /dev (pts/3) "
+                        "or a path")
+    e.add_argument("--listen", type=_typed(lambda t: parse_address(t, "listen address")),
+                   default=None, metavar="HOST:PORT",
+                   help="address to serve on (default: REMOTE_HW_LISTEN from the udev "
+                        "rule, else 127.0.0.1:7710+N for a name ending in N)")
+    e.add_argument("--server-id", type=_typed(_server_id), default=None, metavar="ID",
+                   help="the export's server id (default: REMOTE_HW_SERVER_ID, else "
+                        "export-NAME)")
+    e.add_argument("--device-id", default=None, metavar="ID",
+                   help="the device id clients map (default: REMOTE_HW_DEVICE, else NAME)")
+    e.add_argument("--baud", type=int, default=None, metavar="BAUD",
+                   help="line speed of the port (default: REMOTE_HW_BAUD, else unchanged)")
+    mount(e)
+    common(e)
 
     v = sub.add_parser("vm", help="run one VM whose mapped devices live on servers",
                        description="Run one KVM guest; mapped port/MMIO ranges are served "

@@ -16,6 +16,7 @@ from pathlib import Path
 from remote_hw.config import ConfigError, DeviceSpec, VmConfig, load_agent_config, parse_map
 from remote_hw.security import KeyMaterialError, TlsConfig
 from remote_hw.server.directory import DirectoryError
+from remote_hw.server.fusefs import FuseError, FuseView, default_mountpoint
 from remote_hw.guest_images import GuestBuildError, guest_image
 from remote_hw.protocol.messages import Direction
 
@@ -90,10 +91,69 @@ def cmd_server(args: argparse.Namespace) -> int:
         except DirectoryError as e:
             server.stop()
             return _fail("server", str(e))
+    try:
+        view = _mount_view(server.controller, args)
+    except FuseError as e:
+        server.stop()
+        return _fail("server", str(e))
     stop = threading.Event()
     try:
         wait_for_signal(stop)
     finally:
+        if view is not None:
+            view.stop()
+        server.stop()
+    return 0
+
+
+def _mount_view(controller, args: argparse.Namespace):
+    """The FUSE view (docs/fuse.md): at --mount DIR (failure is fatal), else at
+    /run/remote-hw/SERVER-ID when FUSE is available (a warning otherwise)."""
+    if args.no_mount:
+        return None
+    path = args.mount or default_mountpoint(controller.server_id)
+    try:
+        return FuseView(controller, path).start()
+    except FuseError as e:
+        if args.mount:
+            raise
+        log.warning("no FUSE view of the devices: %s", e)
+        return None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from remote_hw.backends.base import BackendError
+    from remote_hw.backends.tty import (TtyBackend, export_settings, resolve_devnode,
+                                        udev_properties)
+    try:
+        devnode = resolve_devnode(args.name)
+        settings = export_settings(devnode, properties=udev_properties(devnode),
+                                   device_id=args.device_id, server_id=args.server_id,
+                                   listen=args.listen, baud=args.baud)
+        TtyBackend(settings.device.backend[len("tty:"):], settings.device.id).close()
+    except LookupError as e:
+        return _fail("export", str(e))
+    except BackendError as e:
+        return _fail("export", str(e))
+    except ConfigError as e:
+        return _usage_error("export", str(e))
+    log.info("%s", settings.describe())
+    try:
+        server = _start_server(settings.listen, settings.server_id, [settings.device],
+                               trace=False)
+    except OSError as e:
+        return _fail("export", f"cannot listen on {settings.listen[0]}:{settings.listen[1]}: {e}")
+    try:
+        view = _mount_view(server.controller, args)
+    except FuseError as e:
+        server.stop()
+        return _fail("export", str(e))
+    stop = threading.Event()
+    try:
+        wait_for_signal(stop)
+    finally:
+        if view is not None:
+            view.stop()
         server.stop()
     return 0
 

@@ -6,8 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages by purpose: binutils builds the guests; iproute2 makes the network
-# namespaces of the multi-host rig; etcd-server/etcd-client are the shared directory.
-APT_PACKAGES=(binutils iproute2 ca-certificates etcd-server etcd-client)
+# namespaces of the multi-host rig; etcd-server/etcd-client are the shared directory;
+# fuse3/libfuse3 serve the FUSE view (mfusepy); udev/systemd check the export rules and
+# units; vagrant validates the Vagrantfile; gcc/linux-libc-dev build python-evdev.
+APT_PACKAGES=(binutils iproute2 ca-certificates etcd-server etcd-client
+              fuse3 libfuse3-3 udev util-linux systemd vagrant gcc linux-libc-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -85,7 +85,9 @@ class Proc:
 def start_server(*device_args: str, server_id: str = "a", extra: tuple[str, ...] = ()
                  ) -> tuple[Proc, int]:
     """Start ``remote-hw server`` on a free loopback port; returns (proc, port)."""
-    argv = ["server", "--listen", "127.0.0.1:0", "--server-id", server_id, *extra]
+    # No FUSE view unless a test asks for one: test servers share the default mount path.
+    argv = ["server", "--listen", "127.0.0.1:0", "--server-id", server_id, "--no-mount",
+            *extra]
     for d in device_args:
         argv += ["--device", d]
     proc = Proc(remote_hw_cmd(*argv))

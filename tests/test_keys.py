@@ -13,8 +13,8 @@ import pytest
 from remote_hw.backends import keys
 from remote_hw.backends.evdev_input import (EvdevKeyboard, HotplugFollower,
                                             InputDeviceInfo, InputUnavailable,
-                                            InstanceKeySink, check_dev_input,
-                                            looks_like_keyboard, matches)
+                                            InstanceEventSink, InstanceKeySink,
+                                            check_dev_input, looks_like_keyboard, matches)
 from remote_hw.backends.keys import (EV_KEY, EV_SYN, SYN_DROPPED, SYN_REPORT,
                                      EvdevTranslator, RecordingSink, ScancodeDecoder,
                                      UnknownKey, key_code, scancodes)
@@ -338,6 +338,42 @@ def test_instance_key_sink_feeds_the_model_under_its_lock():
     sink = InstanceKeySink(Inst)
     keys.send(sink, keys.text_events("a"))
     assert Inst.model.got == [(30, True), (30, False)]
+
+
+def test_server_keyboard_reaches_a_client_host_as_device_events():
+    """Server: evdev events -> translator -> key events as device events to the
+    attached sessions. Client: those events -> uinput events (no kernel on either
+    side here)."""
+    from remote_hw.config import DeviceSpec
+    from remote_hw.server.controller import Controller
+
+    class Session:
+        def __init__(self):
+            self.events = []
+
+        def interrupt(self, vm_id, device, line, level):
+            pass
+
+        def event(self, vm_id, device, name):
+            self.events.append((vm_id, device, name))
+
+    ctl = Controller("a", [DeviceSpec("kbd0", "uart16550", shared=True)])
+    try:
+        s1, s2 = Session(), Session()
+        ctl.attach(1, 1, "kbd0", s1)
+        ctl.attach(2, 5, "kbd0", s2)
+        tr = EvdevTranslator(InstanceEventSink(ctl.instances()[0]))
+        tr.events([(EV_KEY, K["KEY_Q"], 1), (EV_SYN, SYN_REPORT, 0), (EV_KEY, K["KEY_Q"], 0)])
+        assert s1.events == [(1, "kbd0", "key:16:1"), (1, "kbd0", "key:16:0")]
+        assert s2.events == [(5, "kbd0", "key:16:1"), (5, "kbd0", "key:16:0")]
+    finally:
+        ctl.close()
+    written = []
+    kb = UinputKeyboard(writer=lambda t, c, v: written.append((t, c, v)))
+    for _vm, _dev, name in s1.events:
+        assert kb.handle_event(name)
+    assert written == [(EV_KEY, 16, 1), (EV_SYN, SYN_REPORT, 0),
+                       (EV_KEY, 16, 0), (EV_SYN, SYN_REPORT, 0)]
 
 
 # ------------------------------------------------------------------ the kernel

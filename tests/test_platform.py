@@ -55,6 +55,7 @@ class Platform:
 
     def server(self, sid: str, *devices: str) -> Proc:
         argv = ["server", "--listen", f"{self.rig.addr(sid)}:7700", "--server-id", sid,
+                "--no-mount",
                 "--directory", self.etcd.url, "--lease", str(LEASE),
                 "--tls-dir", str(self.keys)]
         for d in devices:

@@ -30,7 +30,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from .keys import KEY_CODES, EvdevTranslator, KeySink, key_code
+from .keys import KEY_CODES, EvdevTranslator, KeySink, key_code, key_event_name
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,20 @@ class InstanceKeySink:
     def key(self, code: str | int, pressed: bool) -> None:
         with self.instance.lock:
             self.instance.model.key_event(key_code(code), pressed)
+
+
+class InstanceEventSink:
+    """A KeySink that forwards key events to every client VM attached to a device
+    instance, as device events named ``key:CODE:0|1`` (keys.key_event_name). A client
+    agent types them on its own host through uinput
+    (remote_hw.client.uinput.UinputKeyboard.handle_event): a keyboard on the server
+    becomes a local keyboard of the client host."""
+
+    def __init__(self, instance: Any) -> None:
+        self.instance = instance
+
+    def key(self, code: str | int, pressed: bool) -> None:
+        self.instance._event(key_event_name(code, pressed))
 
 
 class EvdevKeyboard:

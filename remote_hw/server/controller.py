@@ -123,6 +123,17 @@ class Controller:
         self._shared: dict[str, Instance] = {}
         self._per_device: dict[str, list[Instance]] = {d: [] for d in self.registry}
         self.access_hook: AccessHook | None = None  # the demo's traffic display
+        # Called with each new instance, complete but not yet reachable by a guest
+        # (the FUSE view taps a UART's output from its first byte this way).
+        self._instance_listeners: list[Callable[[Instance], None]] = []
+
+    def add_instance_listener(self, fn: Callable[[Instance], None]) -> None:
+        """Call ``fn(instance)`` for every instance created from now on."""
+        self._instance_listeners.append(fn)
+
+    def remove_instance_listener(self, fn: Callable[[Instance], None]) -> None:
+        if fn in self._instance_listeners:
+            self._instance_listeners.remove(fn)
 
     # -- sessions ---------------------------------------------------------------
 
@@ -142,6 +153,11 @@ class Controller:
             log.info("%s: backend %s", spec.id if index == 0 else f"{spec.id}#{index}",
                      backend.describe())
         self._per_device[spec.id].append(inst)
+        for fn in list(self._instance_listeners):
+            try:
+                fn(inst)
+            except Exception:  # an observer must never break an attach
+                log.exception("instance listener failed for %s", spec.id)
         return inst
 
     def attach(self, client_id: int, vm_id: int, device: str, sink: SessionSink) -> Status:

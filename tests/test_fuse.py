@@ -569,3 +569,18 @@ def test_two_views_of_one_controller(ctl, tmp_path):
     finally:
         b.stop()
     assert ctl._instance_listeners == []
+
+
+def test_sigpipe_stays_ignored_after_a_view_stops(ctl, tmp_path):
+    """libfuse resets SIGPIPE to its default when it stops; a server must survive
+    writing to a peer that went away afterwards (Python ignores SIGPIPE)."""
+    import signal as _signal
+    import socket as _socket
+    FuseView(ctl, str(tmp_path / "m")).start().stop()
+    assert _signal.getsignal(_signal.SIGPIPE) == _signal.SIG_IGN
+    a, b = _socket.socketpair()
+    b.close()
+    with pytest.raises(BrokenPipeError):  # an exception, not the death of the process
+        for _ in range(3):
+            a.send(b"x" * 65536)
+    a.close()

@@ -647,6 +647,7 @@ class FuseView:
                 err = self._error
                 self._thread.join(timeout=1)
                 self._thread = None
+                _ignore_sigpipe()
                 if err is None or (isinstance(err, RuntimeError) and err.args
                                    and isinstance(err.args[0], int)):
                     why = " (libfuse said why on stderr)"
@@ -654,6 +655,7 @@ class FuseView:
                     why = f": {err}"
                 raise FuseError(f"cannot mount the FUSE view at {self.mountpoint}{why}")
         _restore_signal_dispositions(before)
+        _ignore_sigpipe()
         mnt = mount_at(self.mountpoint)
         self._dev = mnt["dev"] if mnt else ""
         log.info("FUSE view of server %s at %s", self.controller.server_id,
@@ -704,6 +706,7 @@ class FuseView:
         else:
             _end_auto_unmount_helper(self.mountpoint)
         self._thread = None
+        _ignore_sigpipe()
         if self._created_dir:
             try:
                 os.rmdir(self.mountpoint)
@@ -945,6 +948,17 @@ def _signal_dispositions() -> dict[int, Any]:
         except ValueError:
             pass
     return out
+
+
+def _ignore_sigpipe() -> None:
+    """libfuse ignores SIGPIPE while it serves and sets it back to the *default* when
+    it stops, which would let the next write to a closed socket kill the server
+    (Python runs with SIGPIPE ignored and reports EPIPE as an exception). Put it back
+    to ignored, from any thread (through libc: signal.signal is main-thread only)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    libc.signal(int(signal.SIGPIPE), ctypes.c_void_p(1))  # SIG_IGN == (void (*)(int)) 1
 
 
 def _restore_signal_dispositions(before: dict[int, Any]) -> None:

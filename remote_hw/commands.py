@@ -91,11 +91,16 @@ def cmd_server(args: argparse.Namespace) -> int:
         except DirectoryError as e:
             server.stop()
             return _fail("server", str(e))
+    return _serve_until_signal(server, args, "server")
+
+
+def _serve_until_signal(server, args: argparse.Namespace, command: str) -> int:
+    """Mount the FUSE view (unless --no-mount), serve until SIGINT/SIGTERM, clean up."""
     try:
         view = _mount_view(server.controller, args)
     except FuseError as e:
         server.stop()
-        return _fail("server", str(e))
+        return _fail(command, str(e))
     stop = threading.Event()
     try:
         wait_for_signal(stop)
@@ -143,19 +148,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                                trace=False)
     except OSError as e:
         return _fail("export", f"cannot listen on {settings.listen[0]}:{settings.listen[1]}: {e}")
-    try:
-        view = _mount_view(server.controller, args)
-    except FuseError as e:
-        server.stop()
-        return _fail("export", str(e))
-    stop = threading.Event()
-    try:
-        wait_for_signal(stop)
-    finally:
-        if view is not None:
-            view.stop()
-        server.stop()
-    return 0
+    return _serve_until_signal(server, args, "export")
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", required=True, metavar="FILE", help="the agent's TOML file")
     a.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long one access may wait for its server (default 5)")
+    a.add_argument("--probes", action="store_true",
+                   help="watch every guest access on this host with the eBPF probes and log "
+                        "which VMs touched which devices when stopping (needs root and bcc)")
     common(a)
 
     k = sub.add_parser("keys", help="make the CA and certificates for mutual TLS",
@@ -193,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest image (default: the echo guest from guests/)")
     d.add_argument("--quiet", action="store_true", help="do not print the traffic")
     common(d)
+
+    from remote_hw.probes.cli import add_parsers as add_probe_parsers
+    add_probe_parsers(sub)  # trace, top (they add their own --log-level)
     return p
 
 
@@ -204,6 +210,8 @@ def _server_id(text: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    if getattr(args, "func", None) is not None:  # trace, top
+        return int(args.func(args) or 0)
     from remote_hw import commands
     handler = getattr(commands, f"cmd_{args.command}")
     return int(handler(args) or 0)

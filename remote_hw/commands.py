@@ -244,7 +244,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         except KeyMaterialError as e:
             return _usage_error("agent", f"argument --config: [tls]: {e}")
     agent = Agent(config.servers, timeout=args.timeout,
-                  client_name=tls.name if tls else "agent", vias=config.vias, tls=tls)
+                  client_name=tls.name if tls else "agent", vias=config.vias, tls=tls,
+                  probes=args.probes)
     try:
         for vm in config.vms:
             agent.add_vm(vm)

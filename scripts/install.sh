@@ -24,6 +24,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# bcc and kernel headers for the eBPF probes (docs/ebpf.md); never fails the set-up:
+# without them only the probe commands are unavailable, and they say why.
+bash scripts/install_bpf.sh
+
 # The project's Python environment. The stamp records the hash of pyproject.toml so a
 # dependency change reinstalls and an unchanged tree costs nothing.
 PY=${PYTHON:-python3}

@@ -105,7 +105,7 @@ class Agent:
 
     def __init__(self, servers: dict[str, tuple[str, int]], *, timeout: float = 5.0,
                  client_name: str = "agent", vias: dict[str, str] | None = None,
-                 tls: TlsConfig | None = None,
+                 tls: TlsConfig | None = None, probes: bool = False,
                  link_factory: Callable[..., ServerLink] = ServerLink) -> None:
         # server name -> entry server name, for servers reached through another one
         self.vias = dict(vias or {})
@@ -118,6 +118,10 @@ class Agent:
             for name, addr in servers.items()}
         self.vms: dict[int, VmHandle] = {}
         self._done = threading.Condition()
+        self.probes = None
+        if probes:  # eBPF probes (docs/ebpf.md): optional, an inert session says why not
+            from remote_hw.probes.agent_hook import ProbeSession
+            self.probes = ProbeSession.open(optional=True)
 
     # -- set-up -----------------------------------------------------------------
 
@@ -152,6 +156,8 @@ class Agent:
             vm.close()
             raise
         self._irq_routes.update(routes)
+        if self.probes is not None:
+            self.probes.publish_vm(vm, config.maps, vm_id=config.vm_id)
         self.vms[config.vm_id] = handle
         return handle
 
@@ -240,3 +246,8 @@ class Agent:
                      handle.config.vm_id, sum(d.forwarded for d in handle.devices),
                      handle.interrupts)
             handle.vm.close()
+        if self.probes is not None:
+            for line in self.probes.vm_lines() + self.probes.report_lines():
+                log.info("probes: %s", line)
+            self.probes.close()
+            self.probes = None

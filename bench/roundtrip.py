@@ -1,6 +1,6 @@
 """Forwarded port read vs. the floor it is built from, measured in one run.
 
-    python3 bench/roundtrip.py [--count N] [--mode pinned|unpinned|both]
+    python3 bench/roundtrip.py [--count N] [--rounds R] [--mode pinned|unpinned|both]
 
 Three figures per mode, each the distribution of per-access latency as the guest
 experiences it (the time between two consecutive handler calls of a guest looping on
@@ -213,31 +213,42 @@ def stats(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), xs[min(len(xs) - 1, int(len(xs) * 0.99))]
 
 
-def measure(mode: str, count: int) -> dict[str, tuple[float, float]]:
+def measure(mode: str, count: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Each figure measured in ``rounds`` interleaved rounds (this machine's speed
+    drifts from second to second); median of the round medians, p99 of all samples."""
     pinned = mode == "pinned"
     saved = os.sched_getaffinity(0)
     preexec = (lambda: os.sched_setaffinity(0, {0})) if pinned else None
     if pinned:
         os.sched_setaffinity(0, {0})
+    figures = {"local": lambda: run_guest(Trivial(), count),
+               "ping-pong": lambda: pingpong(count, preexec),
+               "forwarded": lambda: forwarded(count, preexec),
+               "bare": lambda: bare(count, preexec)}
+    medians: dict[str, list[float]] = {k: [] for k in figures}
+    samples: dict[str, list[float]] = {k: [] for k in figures}
     try:
-        res = {"local": stats(run_guest(Trivial(), count)),
-               "ping-pong": stats(pingpong(count, preexec)),
-               "forwarded": stats(forwarded(count, preexec)),
-               "bare": stats(bare(count, preexec))}
+        for _ in range(rounds):
+            for name, fn in figures.items():
+                xs = fn()
+                medians[name].append(statistics.median(xs))
+                samples[name] += xs
     finally:
         os.sched_setaffinity(0, saved)
-    return res
+    return {k: (statistics.median(medians[k]), stats(samples[k])[1]) for k in figures}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--count", type=int, default=20000, help="accesses per figure")
+    ap.add_argument("--count", type=int, default=10000, help="accesses per figure and round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--mode", choices=("pinned", "unpinned", "both"), default="both")
     args = ap.parse_args()
     modes = ["pinned", "unpinned"] if args.mode == "both" else [args.mode]
     for mode in modes:
-        r = measure(mode, args.count)
-        print(f"[{mode}] per-access latency over {args.count} accesses (µs)")
+        r = measure(mode, args.count, args.rounds)
+        print(f"[{mode}] per-access latency, {args.rounds} rounds of {args.count} accesses "
+              "(µs; median of round medians, p99 of all)")
         for name, (med, p99) in r.items():
             print(f"  {name:<10} median {med:7.1f}   p99 {p99:7.1f}")
         floor = r["local"][0] + r["ping-pong"][0]

@@ -13,7 +13,10 @@ namespaces), starts real ``remote-hw server`` processes, and runs a guest loopin
 
 Prints median and p99 per-access latency of each (µs, from the guest's point of view:
 time between consecutive handler calls), the ratio two hops / one hop (target <= 1.6)
-and TLS / plain on one hop. Needs root (network namespaces) and /dev/kvm.
+and TLS / plain on one hop. For reference it also measures the bare floor of the same
+topology with no remote-hw code: a plain TCP ping-pong client -> b and client -> a -> b
+through a minimal blocking relay on a (frames of the same sizes), and prints that ratio.
+Needs root (network namespaces) and /dev/kvm.
 """
 
 from __future__ import annotations
@@ -55,6 +58,70 @@ def measure(address: str, count: int, tls_dir: str | None) -> dict:
     finally:
         link.close()
     return {"median": med, "p99": p99}
+
+
+ECHO = r"""
+import socket, sys
+ls = socket.create_server((sys.argv[1], int(sys.argv[2]))); print("ready", flush=True)
+c, _ = ls.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while True:
+    d = c.recv(65536)
+    if not d: break
+    c.sendall(b"F" * int(sys.argv[3]))
+"""
+
+RELAY = r"""
+import socket, sys
+ls = socket.create_server((sys.argv[1], int(sys.argv[2])))
+up = socket.create_connection((sys.argv[3], int(sys.argv[4])))
+up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1); print("ready", flush=True)
+c, _ = ls.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while True:
+    d = c.recv(65536)
+    if not d: break
+    up.sendall(d)
+    c.sendall(up.recv(65536))
+"""
+
+PINGPONG = r"""
+import socket, sys, time, statistics, json
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+msg, n, out = b"R" * int(sys.argv[3]), int(sys.argv[4]), []
+for _ in range(n):
+    t0 = time.perf_counter_ns(); s.sendall(msg); s.recv(65536)
+    out.append((time.perf_counter_ns() - t0) / 1000)
+out = sorted(out[n // 20:])
+print(json.dumps({"median": statistics.median(out), "p99": out[int(len(out) * 0.99)]}))
+"""
+
+
+def bare(pinned: bool, count: int) -> dict[str, dict]:
+    """The same topology with no remote-hw code: ping-pong, one and two hops."""
+    from roundtrip import _frame_sizes
+    req, fb = _frame_sizes()
+    out = {}
+    for name, host, port in [("bare one hop", "b", 7721), ("bare two hops", "a", 7722)]:
+        echo = subprocess.Popen(_ns("b", [sys.executable, "-c", ECHO, ADDR["b"], str(port),
+                                          str(fb)], pinned), stdout=subprocess.PIPE, text=True)
+        procs = [echo]
+        echo.stdout.readline()
+        if host == "a":
+            relay = subprocess.Popen(_ns("a", [sys.executable, "-c", RELAY, ADDR["a"],
+                                               str(port), ADDR["b"], str(port)], pinned),
+                                     stdout=subprocess.PIPE, text=True)
+            relay.stdout.readline()
+            procs.append(relay)
+        try:
+            r = subprocess.run(_ns("client", [sys.executable, "-c", PINGPONG, ADDR[host],
+                                              str(port), str(req), str(count)], pinned),
+                               capture_output=True, text=True, timeout=300)
+            out[name] = json.loads(r.stdout.strip().splitlines()[-1])
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait(10)
+    return out
 
 
 def _ns(host: str, argv: list[str], pinned: bool) -> list[str]:
@@ -99,6 +166,7 @@ def run(mode: str, count: int, keys: str) -> dict[str, dict]:
         for p in procs:
             p.terminate()
             p.wait(10)
+    out.update(bare(pinned, count))
     return out
 
 
@@ -124,13 +192,16 @@ def main() -> None:
                 r = run(mode, args.count, keys)
                 print(f"[{mode}] per-access latency over {args.count} accesses (µs)")
                 for name, v in r.items():
-                    print(f"  {name:<13} median {v['median']:7.1f}   p99 {v['p99']:7.1f}")
+                    print(f"  {name:<14} median {v['median']:7.1f}   p99 {v['p99']:7.1f}")
                 one, two, plain = (r[k]["median"] for k in ("one hop", "two hops",
                                                            "one hop, plain"))
                 print(f"  ratio two hops / one hop = {two:.1f} / {one:.1f} = {two / one:.2f}"
                       "   (target <= 1.6)")
                 print(f"  ratio TLS / plain (one hop) = {one:.1f} / {plain:.1f} = "
                       f"{one / plain:.2f}")
+                b1, b2 = r["bare one hop"]["median"], r["bare two hops"]["median"]
+                print(f"  bare floor, two hops / one hop = {b2:.1f} / {b1:.1f} = {b2 / b1:.2f}"
+                      "   (plain TCP relay, no remote-hw code)")
                 time.sleep(0.5)
     finally:
         subprocess.run(["bash", str(RIG), "down", PREFIX], capture_output=True)

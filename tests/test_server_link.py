@@ -261,3 +261,35 @@ def test_claiming_another_clients_id_is_denied_and_logged(server, caplog):
         sock.close()
     finally:
         l1.close()
+
+
+def test_a_server_that_stops_answering_is_dropped_after_one_timeout(caplog):
+    """Alive but silent: the first access times out, the link is declared gone, and
+    later accesses fail at once instead of stalling the guest a timeout each."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def silent_server() -> None:
+        sock, _ = listener.accept()
+        conn = Connection(Role.SERVER)
+        while not stop.is_set():
+            data = sock.recv(4096)
+            if not data:
+                break
+            conn.receive_data(data)
+            while (ev := conn.next_event()) is not NEED_DATA:
+                if isinstance(ev, m.Hello):
+                    sock.sendall(conn.send(m.Welcome(client_id=1, name="mute")))
+                # everything else is swallowed
+        sock.close()
+    t = threading.Thread(target=silent_server, daemon=True)
+    t.start()
+    link = ServerLink("a", listener.getsockname(), timeout=0.5).connect()
+    try:
+        assert link.io(1, "uart0", PORT, 5, 1, R)[0] == Status.TIMEOUT
+        assert not link.up and "no answer to a request within 0.5 s" in link.down_reason
+        assert link.io(1, "uart0", PORT, 5, 1, R)[0] == Status.UNREACHABLE
+    finally:
+        stop.set()
+        link.close()
+        listener.close()

@@ -307,7 +307,7 @@ class ServerLink:
             except ProtocolError as e:
                 self._protocol_failure(e)
             except OSError as e:
-                self._down(f"send failed: {e.strerror or e}")
+                self._down(f"connection lost: {e.strerror or e}")
             finally:
                 self._rlock.release()
                 if self._waiters:
@@ -352,11 +352,12 @@ class ServerLink:
                     finally:
                         self._waiters -= 1
             if not slot.done and _now() >= deadline:
-                if self._pending.pop(rid, None) is not None:
-                    log.warning("server %s: request %d timed out after %.1f s", self.name,
-                                rid, self.timeout)
+                self._pending.pop(rid, None)
                 slot.status = Status.TIMEOUT
                 slot.done = True
+                # A server that leaves a request unanswered this long is treated as gone:
+                # otherwise every later access would stall the guest for the full timeout.
+                self._down(f"no answer to a request within {self.timeout:g} s")
 
     def _lead_until(self, slot: _Slot, deadline: float) -> None:
         """As leader, read frames until ``slot`` is answered or the deadline passes."""

@@ -293,3 +293,24 @@ def test_a_server_that_stops_answering_is_dropped_after_one_timeout(caplog):
         stop.set()
         link.close()
         listener.close()
+
+
+def test_a_backend_that_cannot_open_fails_only_that_attach():
+    """The next VM's UART would listen on a port someone else holds."""
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    ctl = Controller("a", [DeviceSpec("uart0", "uart16550", backend=f"tcp:127.0.0.1:{port - 1}"),
+                           DeviceSpec("rtc0", "cmos-rtc")])
+    srv = Server(ctl, "127.0.0.1", 0).start()
+    link = ServerLink("a", srv.address).connect()
+    try:
+        first = link.attach(1, "uart0")  # index 0 -> port-1 (usually free; not our point)
+        second = link.attach(2, "uart0")  # index 1 -> port: taken
+        assert second == Status.DEVICE_ERROR
+        assert first in (Status.OK, Status.DEVICE_ERROR)
+        assert link.up and link.attach(2, "rtc0") == Status.OK  # the connection carries on
+        assert link.io(2, "rtc0", PORT, 0, 1, W, 0x0D)[0] == Status.OK
+    finally:
+        link.close()
+        srv.stop()
+        taken.close()

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from remote_hw.backends.base import StreamBackend
+from remote_hw.backends.base import BackendError, StreamBackend
 from remote_hw.backends.registry import open_backend
 from remote_hw.config import DeviceSpec
 from remote_hw.devices.base import Device, StreamDevice
@@ -146,7 +146,11 @@ class Controller:
         if spec.backend:
             if not isinstance(inst.model, StreamDevice):
                 raise ValueError(f"device {spec.id!r} ({spec.kind}) takes no stream backend")
-            backend = open_backend(spec.backend, spec.id, index)
+            try:
+                backend = open_backend(spec.backend, spec.id, index)
+            except BaseException:
+                inst.model.close()
+                raise
             inst.model.tx_sink = backend.from_guest
             backend.start(inst.to_guest)
             inst.backend = backend
@@ -169,17 +173,24 @@ class Controller:
         with self._lock:
             if key in self._attached:
                 return Status.OK
-            if spec.shared:
-                inst = self._shared.get(device) or self._new_instance(spec)
-                self._shared[device] = inst
-            else:
-                inst = self._new_instance(spec)
+            try:
+                if spec.shared:
+                    inst = self._shared.get(device) or self._new_instance(spec)
+                    self._shared[device] = inst
+                else:
+                    inst = self._new_instance(spec)
+            except (BackendError, OSError, ValueError) as e:
+                # e.g. the next instance's tcp port is taken: this attach fails, the
+                # connection and every other session carry on.
+                log.error("device %s: no instance for client %d vm %d: %s", device,
+                          client_id, vm_id, e)
+                return Status.DEVICE_ERROR
             with inst.lock:
                 inst.sessions[(client_id, vm_id)] = sink
-                line_high = [irq for irq in (inst.model.irq,) if getattr(irq, "level", False)]
+                high = bool(getattr(inst.model.irq, "level", False))
             self._attached[key] = inst
         log.info("client %d vm %d attached %s", client_id, vm_id, inst.label())
-        for irq in line_high:  # a shared device already asserting: tell the newcomer
+        if high:  # a shared device already asserting: tell the newcomer
             sink.interrupt(vm_id, device, 0, True)
         return Status.OK
 

@@ -8,36 +8,13 @@
  * (polling LSR.THRE), sends a non-specific EOI and irets.
  * On byte 0x04 (Ctrl-D) it prints "bye\r\n" and ends with `cli; hlt` (exit status 0). */
         .code16
+        .include "boot16.inc"
         .text
         .globl  _start
 _start:
-        cli
-        xor     %ax, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        mov     $0x7c00, %sp
-        cld
+        boot16
 
-        /* 8259 PICs: ICW1 (edge, cascade, ICW4 needed) */
-        mov     $0x11, %al
-        out     %al, $0x20
-        out     %al, $0xa0
-        mov     $0x08, %al              /* ICW2: master vector base 0x08 */
-        out     %al, $0x21
-        mov     $0x70, %al              /* ICW2: slave vector base 0x70 */
-        out     %al, $0xa1
-        mov     $0x04, %al              /* ICW3: slave on IRQ2 */
-        out     %al, $0x21
-        mov     $0x02, %al              /* ICW3: slave identity 2 */
-        out     %al, $0xa1
-        mov     $0x01, %al              /* ICW4: 8086 mode */
-        out     %al, $0x21
-        out     %al, $0xa1
-        mov     $0xef, %al              /* OCW1: unmask IRQ4 only */
-        out     %al, $0x21
-        mov     $0xff, %al
-        out     %al, $0xa1
+        pic_init 0xef                   /* 8259 PICs: unmask IRQ4 only */
 
         /* IVT entry for vector 0x0c (IRQ4) at 0x0c*4 */
         movw    $isr, 0x30

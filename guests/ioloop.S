@@ -13,6 +13,7 @@
  * (al << 1) | 1 with al = the last byte read (modes 0 and 2; value if count is 0) or
  * value (mode 1). */
         .code16
+        .include "boot16.inc"
         .text
         .globl  _start
 _start:
@@ -23,13 +24,7 @@ port:   .long   0x3ff
 mode:   .long   0
 value:  .long   0
 main:
-        cli
-        xor     %ax, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        mov     $0x7c00, %sp
-        cld
+        boot16
         mov     count, %ecx
         mov     port, %dx
         mov     value, %al

@@ -10,36 +10,13 @@
  * of letters, digits and space (Enter prints "\r\n"), then sends EOI.
  * Escape prints "bye\r\n" and ends with `cli; hlt` (exit status 0). */
         .code16
+        .include "boot16.inc"
         .text
         .globl  _start
 _start:
-        cli
-        xor     %ax, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        mov     $0x7c00, %sp
-        cld
+        boot16
 
-        /* 8259 PICs: ICW1..ICW4 as in echo.S, then unmask IRQ1 only */
-        mov     $0x11, %al
-        out     %al, $0x20
-        out     %al, $0xa0
-        mov     $0x08, %al
-        out     %al, $0x21
-        mov     $0x70, %al
-        out     %al, $0xa1
-        mov     $0x04, %al
-        out     %al, $0x21
-        mov     $0x02, %al
-        out     %al, $0xa1
-        mov     $0x01, %al
-        out     %al, $0x21
-        out     %al, $0xa1
-        mov     $0xfd, %al              /* OCW1: IRQ1 only */
-        out     %al, $0x21
-        mov     $0xff, %al
-        out     %al, $0xa1
+        pic_init 0xfd                   /* 8259 PICs: unmask IRQ1 only */
 
         /* IVT entry for vector 9 (IRQ1) at 9*4 */
         movw    $isr, 0x24

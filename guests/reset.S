@@ -6,17 +6,12 @@
  * writes 0xFE to port 0x64 (pulse the reset line) and spins until the VM is reset;
  * the next boot prints "done\r\n" and ends with `cli; hlt` (exit status 0). */
         .code16
+        .include "boot16.inc"
         .text
         .globl  _start
         .set    COM1_SCR, 0x3ff
 _start:
-        cli
-        xor     %ax, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        mov     $0x7c00, %sp
-        cld
+        boot16
 
         call    uart_init
         mov     $COM1_SCR, %dx

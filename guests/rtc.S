@@ -5,16 +5,11 @@
  * BCD), bit 1 24-hour mode (else 12-hour with bit 7 of the hour = PM). A century
  * register reading 0 or 0xff (absent) counts as 20. */
         .code16
+        .include "boot16.inc"
         .text
         .globl  _start
 _start:
-        cli
-        xor     %ax, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        mov     $0x7c00, %sp
-        cld
+        boot16
         call    uart_init
 
 uip:    mov     $0x0a, %al

@@ -3,16 +3,11 @@
  * back: while the server is gone, LSR reads all ones (THR empty) and the bytes are
  * dropped, so the guest keeps running instead of waiting for a transmitter. */
         .code16
+        .include "boot16.inc"
         .text
         .globl  _start
 _start:
-        cli
-        xor     %ax, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        mov     $0x7c00, %sp
-        cld
+        boot16
         call    uart_init
 again:
         mov     $msg, %si

@@ -8,25 +8,19 @@ accepted.
 
 One I/O thread per backend does accept, receive and the deferred part of sending;
 ``from_guest`` first tries a non-blocking send itself (no thread hop on the request
-path) and only queues what the socket does not take.
+path) and only queues what the socket does not take (the queue, the thread and the
+counters are :class:`~remote_hw.backends.queued.QueuedStreamBackend`'s).
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import select
 import socket
-import threading
 from typing import Any
 
-from .base import BackendError, StreamBackend, ToGuest
+from .base import BackendError
+from .queued import OUT_LIMIT, QueuedStreamBackend  # noqa: F401  (OUT_LIMIT kept here)
 
-log = logging.getLogger(__name__)
-
-# Bytes queued for a slow peer before further guest output is dropped; the guest
-# must never wait for a person's terminal.
-OUT_LIMIT = 1 << 20
 # While nobody is connected, the most recent guest output is kept (like a console's
 # scrollback) and sent to the next peer on connect: a person who connects after the
 # guest printed its banner still sees it.
@@ -53,7 +47,8 @@ def parse_host_port(arg: str) -> tuple[str, int]:
     return host, port
 
 
-class TcpBackend(StreamBackend):
+
+class TcpBackend(QueuedStreamBackend):
     """Listen on ``HOST:PORT+index``; relay bytes between one peer and the guest.
 
     The socket is bound in the constructor, so a bad argument or a port in use
@@ -64,9 +59,25 @@ class TcpBackend(StreamBackend):
     """
 
     name = "tcp"
+    hold_limit = HOLD_LIMIT    # the scrollback for the next peer (module docstring)
 
     def __init__(self, arg: str, label: str, index: int = 0) -> None:
         super().__init__(arg, label, index)
+        try:
+            sock = self._listen(arg, index)
+        except BackendError:
+            self._close_wake_pipe()
+            raise
+        self._listener: socket.socket | None = sock
+        bound = sock.getsockname()
+        self.address: tuple[str, int] = (bound[0], bound[1])
+        self._peer: socket.socket | None = None    # guarded by self._lock
+        self.peers_accepted = 0
+        self.peers_rejected = 0
+
+    @staticmethod
+    def _listen(arg: str, index: int) -> socket.socket:
+        """A non-blocking socket listening on ``HOST:PORT+index``."""
         host, port = parse_host_port(arg)
         if port:
             port += index
@@ -88,130 +99,42 @@ class TcpBackend(StreamBackend):
             raise BackendError(
                 f"tcp: cannot listen on {host or '*'}:{port}: {e.strerror or e}") from None
         sock.setblocking(False)
-        self._listener: socket.socket | None = sock
-        bound = sock.getsockname()
-        self.address: tuple[str, int] = (bound[0], bound[1])
-        self._lock = threading.Lock()      # guards _peer, _outbuf and the counters
-        self._peer: socket.socket | None = None
-        self._outbuf = bytearray()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._thread: threading.Thread | None = None
-        self._to_guest: ToGuest | None = None
-        self._closed = False
-        self.bytes_to_guest = 0
-        self.bytes_from_guest = 0
-        self.dropped = 0
-        self.peers_accepted = 0
-        self.peers_rejected = 0
-
-    # -- StreamBackend -----------------------------------------------------------------
-
-    def start(self, to_guest: ToGuest) -> None:
-        """Start the I/O thread; received bytes go to ``to_guest``."""
-        if self._closed:
-            raise BackendError(f"tcp: {self.label}: backend is closed")
-        if self._thread is not None:
-            raise RuntimeError("TcpBackend.start() called twice")
-        self._to_guest = to_guest
-        self._thread = threading.Thread(target=self._run, name=f"remote-hw tcp {self.label}",
-                                        daemon=True)
-        self._thread.start()
-
-    def from_guest(self, data: bytes) -> None:
-        """Send to the peer without blocking; queue the rest (bounded). With no peer,
-        keep the last HOLD_LIMIT bytes for the next one; count what is dropped."""
-        if not data:
-            return
-        with self._lock:
-            peer = self._peer
-            if peer is None:
-                self._outbuf += data
-                excess = len(self._outbuf) - HOLD_LIMIT
-                if excess > 0:
-                    self.dropped += excess
-                    del self._outbuf[:excess]
-                return
-            if not self._outbuf:
-                try:
-                    n = peer.send(data)
-                except (BlockingIOError, InterruptedError):
-                    n = 0
-                except OSError:
-                    # The peer is gone; the I/O thread will notice and clean up.
-                    self.dropped += len(data)
-                    return
-                self.bytes_from_guest += n
-                if n == len(data):
-                    return
-                data = data[n:]
-            room = OUT_LIMIT - len(self._outbuf)
-            if len(data) > room:
-                self.dropped += len(data) - room
-                data = data[:room]
-            self._outbuf += data
-        self._wake()   # let the I/O thread wait for the socket to become writable
-
-    def close(self) -> None:
-        """Stop the thread and close the listener, the peer and the wake-up pipe."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._wake()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
-        with self._lock:
-            self._drop_peer_locked()
-            if self._listener is not None:
-                self._listener.close()
-                self._listener = None
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._wake_r = self._wake_w = -1
+        return sock
 
     def describe(self) -> str:
         host, port = self.address
         return f"tcp:{host}:{port}"
-
-    # -- extras ------------------------------------------------------------------------
-
-    @property
-    def connected(self) -> bool:
-        """Whether a peer is connected now."""
-        return self._peer is not None
 
     def status(self) -> dict[str, Any]:
         """Address, connection state and counters."""
         with self._lock:
             return {
                 "address": f"{self.address[0]}:{self.address[1]}",
-                "connected": self._peer is not None,
-                "queued": len(self._outbuf),
-                "bytes_to_guest": self.bytes_to_guest,
-                "bytes_from_guest": self.bytes_from_guest,
-                "dropped": self.dropped,
+                **self._queue_status_locked(),
                 "peers_accepted": self.peers_accepted,
                 "peers_rejected": self.peers_rejected,
             }
 
-    # -- I/O thread --------------------------------------------------------------------
+    # -- QueuedStreamBackend -----------------------------------------------------------
 
-    def _wake(self) -> None:
+    def _target(self) -> socket.socket | None:
+        return self._peer
+
+    def _write(self, target: socket.socket, data: bytes | bytearray) -> int:
+        return target.send(data)
+
+    def _lost(self, target: socket.socket, why: str) -> None:
+        # A peer that hangs up or fails is dropped quietly; the next one is accepted.
         with self._lock:
-            # Under the lock so a concurrent close() cannot let us write into a
-            # recycled descriptor number.
-            if self._wake_w < 0:
-                return
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass    # a wake-up is already pending
+            if self._peer is target:
+                self._drop_peer_locked()
+
+    def _release_locked(self) -> None:
+        """Close the peer and the listener."""
+        self._drop_peer_locked()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     def _drop_peer_locked(self) -> None:
         if self._peer is not None:
@@ -220,15 +143,9 @@ class TcpBackend(StreamBackend):
             except OSError:
                 pass
             self._peer = None
-        if self._outbuf:
-            self.dropped += len(self._outbuf)
-            self._outbuf.clear()
+        self._discard_queue_locked()
 
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except Exception:   # keep the server alive; the backend just stops serving
-            log.exception("tcp backend %s failed", self.label)
+    # -- I/O thread --------------------------------------------------------------------
 
     def _loop(self) -> None:
         listener = self._listener
@@ -250,11 +167,7 @@ class TcpBackend(StreamBackend):
             if self._closed:
                 return
             if self._wake_r in readable:
-                try:
-                    while os.read(self._wake_r, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
+                self._drain_wake()
             if listener in readable:
                 self._accept(listener)
             if peer is not None and peer in writable:
@@ -268,7 +181,7 @@ class TcpBackend(StreamBackend):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            log.warning("tcp backend %s: accept failed: %s", self.label, e)
+            self._log.warning("tcp backend %s: accept failed: %s", self.label, e)
             return
         with self._lock:
             if self._peer is None:
@@ -285,20 +198,6 @@ class TcpBackend(StreamBackend):
             pass
         conn.close()
 
-    def _flush(self, peer: socket.socket) -> None:
-        with self._lock:
-            if self._peer is not peer or not self._outbuf:
-                return
-            try:
-                n = peer.send(self._outbuf)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._drop_peer_locked()
-                return
-            self.bytes_from_guest += n
-            del self._outbuf[:n]
-
     def _receive(self, peer: socket.socket) -> None:
         try:
             data = peer.recv(RECV_SIZE)
@@ -307,15 +206,6 @@ class TcpBackend(StreamBackend):
         except OSError:
             data = b""
         if not data:
-            with self._lock:
-                if self._peer is peer:
-                    self._drop_peer_locked()
+            self._lost(peer, "closed")
             return
-        with self._lock:
-            self.bytes_to_guest += len(data)
-        to_guest = self._to_guest
-        if to_guest is not None:
-            try:
-                to_guest(data)
-            except Exception:
-                log.exception("tcp backend %s: delivering to the guest failed", self.label)
+        self._deliver(data)

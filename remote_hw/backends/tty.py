@@ -24,18 +24,17 @@ import os
 import re
 import select
 import termios
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 from remote_hw.config import (ConfigError, DeviceSpec, check_ident, parse_address,
                               parse_int)
 
-from .base import BackendError, StreamBackend, ToGuest
+from .base import BackendError
+from .queued import OUT_LIMIT, QueuedStreamBackend  # noqa: F401  (OUT_LIMIT kept here)
 
 log = logging.getLogger(__name__)
 
-OUT_LIMIT = 1 << 20        # guest bytes queued for a slow line before dropping
 READ_SIZE = 4096
 REOPEN_INTERVAL = 0.5      # seconds between attempts to reopen a vanished port
 
@@ -88,7 +87,7 @@ def raw_attrs(attrs: list[Any], baud: int | None = None) -> list[Any]:
     return [iflag, oflag, cflag, lflag, ispeed, ospeed, cc]
 
 
-class TtyBackend(StreamBackend):
+class TtyBackend(QueuedStreamBackend):
     """Relay bytes between a real tty and the guest (see the module docstring).
 
     The port is opened and put in raw mode in the constructor, so a missing port or
@@ -98,29 +97,18 @@ class TtyBackend(StreamBackend):
     """
 
     name = "tty"
+    hold_limit = 0     # while the port is gone guest output is dropped (module docstring)
 
     def __init__(self, arg: str, label: str, index: int = 0) -> None:
         super().__init__(arg, label, index)
-        self.path, self.baud = parse_tty_arg(arg, index)
-        self._lock = threading.Lock()      # guards _fd, _outbuf and the counters
-        self._fd = -1
+        self._fd = -1                      # guarded by self._lock
         self._saved: list[Any] | None = None
-        self._outbuf = bytearray()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._thread: threading.Thread | None = None
-        self._to_guest: ToGuest | None = None
-        self._closed = False
-        self.bytes_to_guest = 0
-        self.bytes_from_guest = 0
-        self.dropped = 0
         self.reopened = 0
         try:
+            self.path, self.baud = parse_tty_arg(arg, index)
             self._open()
         except BackendError:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._close_wake_pipe()
             raise
 
     # -- the port ----------------------------------------------------------------------
@@ -159,102 +147,40 @@ class TtyBackend(StreamBackend):
             os.close(fd)
         except OSError:
             pass
-        if self._outbuf:
-            self.dropped += len(self._outbuf)
-            self._outbuf.clear()
+        self._discard_queue_locked()
 
     # -- StreamBackend -----------------------------------------------------------------
-
-    def start(self, to_guest: ToGuest) -> None:
-        """Start the I/O thread; bytes from the line go to ``to_guest``."""
-        if self._closed:
-            raise BackendError(f"tty: {self.label}: backend is closed")
-        if self._thread is not None:
-            raise RuntimeError("TtyBackend.start() called twice")
-        self._to_guest = to_guest
-        self._thread = threading.Thread(target=self._run, name=f"remote-hw tty {self.label}",
-                                        daemon=True)
-        self._thread.start()
-
-    def from_guest(self, data: bytes) -> None:
-        """Write to the port without blocking; queue the rest (bounded); drop and
-        count while the port is gone."""
-        if not data:
-            return
-        with self._lock:
-            fd = self._fd
-            if fd < 0:
-                self.dropped += len(data)
-                return
-            if not self._outbuf:
-                try:
-                    n = os.write(fd, data)
-                except (BlockingIOError, InterruptedError):
-                    n = 0
-                except OSError:
-                    self.dropped += len(data)   # gone; the I/O thread notices
-                    return
-                self.bytes_from_guest += n
-                if n == len(data):
-                    return
-                data = data[n:]
-            room = OUT_LIMIT - len(self._outbuf)
-            if len(data) > room:
-                self.dropped += len(data) - room
-                data = data[:room]
-            self._outbuf += data
-        self._wake()
-
-    def close(self) -> None:
-        """Stop the thread, restore the port's settings and close it."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._wake()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
-        with self._lock:
-            self._drop_port_locked()
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._wake_r = self._wake_w = -1
 
     def describe(self) -> str:
         return f"tty:{self.path}" + (f"@{self.baud}" if self.baud else "")
 
-    @property
-    def connected(self) -> bool:
-        """Whether the port is open now."""
-        return self._fd >= 0
-
     def status(self) -> dict[str, Any]:
         with self._lock:
-            return {"path": self.path, "baud": self.baud, "connected": self._fd >= 0,
-                    "queued": len(self._outbuf), "bytes_to_guest": self.bytes_to_guest,
-                    "bytes_from_guest": self.bytes_from_guest, "dropped": self.dropped,
+            return {"path": self.path, "baud": self.baud, **self._queue_status_locked(),
                     "reopened": self.reopened}
 
-    # -- I/O thread --------------------------------------------------------------------
+    # -- QueuedStreamBackend -----------------------------------------------------------
 
-    def _wake(self) -> None:
+    def _target(self) -> int | None:
+        fd = self._fd
+        return fd if fd >= 0 else None
+
+    def _write(self, target: int, data: bytes | bytearray) -> int:
+        return os.write(target, data)
+
+    def _lost(self, target: int, why: str) -> None:
         with self._lock:
-            if self._wake_w < 0:
+            if self._fd != target:
                 return
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
+            self._drop_port_locked()
+        log.warning("tty backend %s: %s went away (%s); guest output is dropped until "
+                    "it returns", self.label, self.path, why)
 
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except Exception:   # keep the server alive; the backend just stops serving
-            log.exception("tty backend %s failed", self.label)
+    def _release_locked(self) -> None:
+        """Restore the port's settings and close it."""
+        self._drop_port_locked()
+
+    # -- I/O thread --------------------------------------------------------------------
 
     def _loop(self) -> None:
         poller = select.poll()
@@ -285,11 +211,7 @@ class TtyBackend(StreamBackend):
                 return
             for f, ev in events:
                 if f == wake:
-                    try:
-                        while os.read(wake, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
+                    self._drain_wake()
                 elif f == fd:
                     if ev & select.POLLOUT:
                         self._flush(fd)
@@ -308,30 +230,6 @@ class TtyBackend(StreamBackend):
             self.reopened += 1
         log.warning("tty backend %s: %s is back; exporting it again", self.label, self.path)
 
-    def _lost(self, fd: int, why: str) -> None:
-        with self._lock:
-            if self._fd != fd:
-                return
-            self._drop_port_locked()
-        log.warning("tty backend %s: %s went away (%s); guest output is dropped until "
-                    "it returns", self.label, self.path, why)
-
-    def _flush(self, fd: int) -> None:
-        with self._lock:
-            if self._fd != fd or not self._outbuf:
-                return
-            try:
-                n = os.write(fd, self._outbuf)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                err = e
-            else:
-                self.bytes_from_guest += n
-                del self._outbuf[:n]
-                return
-        self._lost(fd, err.strerror or str(err))
-
     def _receive(self, fd: int, ev: int) -> None:
         try:
             data = os.read(fd, READ_SIZE)
@@ -345,14 +243,7 @@ class TtyBackend(StreamBackend):
         if not data:
             self._lost(fd, "end of file")
             return
-        with self._lock:
-            self.bytes_to_guest += len(data)
-        to_guest = self._to_guest
-        if to_guest is not None:
-            try:
-                to_guest(data)
-            except Exception:
-                log.exception("tty backend %s: delivering to the guest failed", self.label)
+        self._deliver(data)
 
 
 # -- udev-driven export ------------------------------------------------------------

@@ -82,40 +82,32 @@ def _short(value: Any) -> str:
     return r if len(r) <= 80 else r[:77] + "..."
 
 
-def _enum_rule(enum_cls: type, only: tuple | None = None) -> tuple[Callable, Callable]:
-    # A dict lookup both validates and converts to the enum member; IntEnum members
-    # hash like their int values, so callers may pass plain ints when encoding.
-    members = {m.value: m for m in (enum_cls if only is None else only)}
-    allowed = ", ".join(f"{m.value} ({m.name})" for m in members.values())
-
+def _lookup_rule(table: dict, allowed: str) -> tuple[Callable, Callable]:
+    # A dict lookup both validates and converts to the canonical value ``table``
+    # maps to; ``allowed`` lists the valid values for the error text.
     def rule(value: Any) -> Any:
         try:
-            m = members.get(value)
+            v = table.get(value)
         except TypeError:  # unhashable
-            m = None
-        if m is None:
+            v = None
+        if v is None:
             raise _Bad(_MALFORMED, f"{_short(value)} is not one of {allowed}")
-        return m
+        return v
 
     return rule, rule
+
+
+def _enum_rule(enum_cls: type, only: tuple | None = None) -> tuple[Callable, Callable]:
+    # Converts to the enum member; IntEnum members hash like their int values, so
+    # callers may pass plain ints when encoding.
+    members = {m.value: m for m in (enum_cls if only is None else only)}
+    return _lookup_rule(members, ", ".join(f"{m.value} ({m.name})" for m in members.values()))
 
 
 def _choice_rule(choices: tuple[int, ...]) -> tuple[Callable, Callable]:
     # Returns the canonical int, so a 4.0 or an IntEnum passed by a caller cannot
     # reach the arithmetic that follows.
-    allowed = {c: c for c in choices}
-    text = ", ".join(map(str, choices))
-
-    def rule(value: Any) -> Any:
-        try:
-            c = allowed.get(value)
-        except TypeError:  # unhashable
-            c = None
-        if c is None:
-            raise _Bad(_MALFORMED, f"{_short(value)} is not one of {text}")
-        return c
-
-    return rule, rule
+    return _lookup_rule({c: c for c in choices}, ", ".join(map(str, choices)))
 
 
 def _max_payload_rule(value: Any) -> Any:

@@ -403,18 +403,10 @@ def parse_time(text: str) -> datetime:
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
 
 
-class _TimeFile(_FileType):
-    name = "time"
-    mode = 0o644
-    writable = True
-
-    def applies(self, model: Any) -> bool:
-        return hasattr(model, "now") and hasattr(model, "set_time")
-
-    def render(self, view: "FuseView", inst: Any) -> bytes:
-        with inst.lock:
-            dt = inst.model.now()
-        return (dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") + "\n").encode()
+class _LineFile(_FileType):
+    """A writable file that acts on whole lines: each complete line written is
+    passed to ``_apply`` as it arrives, a last line without a newline on flush
+    (close). A line ``_apply`` rejects fails that write with its OSError."""
 
     def write(self, view: "FuseView", inst: Any, handle: "_Handle", data: bytes) -> None:
         handle.wbuf += data
@@ -427,6 +419,25 @@ class _TimeFile(_FileType):
         if handle.wbuf.strip():
             line, handle.wbuf = bytes(handle.wbuf), bytearray()
             self._apply(inst, line)
+
+    @staticmethod
+    def _apply(inst: Any, line: bytes) -> None:
+        """Act on one line (without its newline); raise OSError to reject it."""
+        raise NotImplementedError
+
+
+class _TimeFile(_LineFile):
+    name = "time"
+    mode = 0o644
+    writable = True
+
+    def applies(self, model: Any) -> bool:
+        return hasattr(model, "now") and hasattr(model, "set_time")
+
+    def render(self, view: "FuseView", inst: Any) -> bytes:
+        with inst.lock:
+            dt = inst.model.now()
+        return (dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") + "\n").encode()
 
     @staticmethod
     def _apply(inst: Any, line: bytes) -> None:
@@ -479,7 +490,7 @@ class _InputFile(_FileType):
         _deliver_keys(inst, events)
 
 
-class _KeysFile(_FileType):
+class _KeysFile(_LineFile):
     """Key commands, one line at a time (see keys.parse_key_commands)."""
 
     name = "keys"
@@ -489,18 +500,6 @@ class _KeysFile(_FileType):
 
     def applies(self, model: Any) -> bool:
         return hasattr(model, "key_event")
-
-    def write(self, view: "FuseView", inst: Any, handle: "_Handle", data: bytes) -> None:
-        handle.wbuf += data
-        while b"\n" in handle.wbuf:
-            line, _, rest = bytes(handle.wbuf).partition(b"\n")
-            handle.wbuf = bytearray(rest)
-            self._apply(inst, line)
-
-    def flush(self, view: "FuseView", inst: Any, handle: "_Handle") -> None:
-        if handle.wbuf.strip():
-            line, handle.wbuf = bytes(handle.wbuf), bytearray()
-            self._apply(inst, line)
 
     @staticmethod
     def _apply(inst: Any, line: bytes) -> None:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from remote_hw.client.agent import RemoteDevice  # noqa: E402
 from remote_hw.client.link import ServerLink  # noqa: E402
-from remote_hw.client.vmm import Vm, debug_exit_status  # noqa: E402
+from remote_hw.client.vmm import Vm  # noqa: E402
 from remote_hw.config import parse_map  # noqa: E402
 from remote_hw.guest_images import guest_image  # noqa: E402
 from remote_hw.protocol import codec  # noqa: E402

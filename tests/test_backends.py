@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import queue
 import socket
-import stat
 import time
 
 import pytest

@@ -6,7 +6,6 @@ import signal
 import socket
 import struct
 import textwrap
-import threading
 import time
 
 import pytest

@@ -199,7 +199,6 @@ def test_malformed_frame_gets_error_and_others_carry_on(server):
         assert good.attach(1, "uart0") == Status.OK
         bad = _raw_client(server)
         bad.sendall(b"XX\x01\x00\x00\x00\x00\x00")  # wrong magic
-        conn = Connection(Role.CLIENT)
         # read the raw bytes: an ERROR frame then EOF
         data = b""
         while True:

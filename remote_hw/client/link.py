@@ -35,7 +35,7 @@ from remote_hw.protocol import CLOSED, NEED_DATA, Connection, ProtocolError, Rol
 from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import Status
 from remote_hw.security import Identity, KeyMaterialError, TlsConfig
-from remote_hw.transport import RECV_SIZE, TlsTransport, Transport
+from remote_hw.transport import TlsTransport, Transport
 
 log = logging.getLogger("remote_hw.client")
 

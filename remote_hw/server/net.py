@@ -493,7 +493,3 @@ class Server:
         self.forwarder.close()
         self.directory.close()
         self.controller.close()
-
-    def serve_forever(self) -> None:
-        self.start()
-        self._stopped.wait()

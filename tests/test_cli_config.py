@@ -144,3 +144,49 @@ def test_agent_cli_bad_config_exits_2(tmp_path, capsys):
     cfg.write_text("[[vm]]\nid = 1\n")
     assert main(["agent", "--config", str(cfg)]) == 2
     assert "argument --config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["server", "--listen", "127.0.0.1:0", "--no-mount", "--route", "uart0=b"],
+     "server 'b' has no --peer address"),
+    (["server", "--listen", "127.0.0.1:0", "--no-mount", "--device", "u=uart16550",
+      "--allow", "u=c1"], "needs TLS"),
+    (["server", "--listen", "127.0.0.1:0", "--no-mount", "--tls-name", "a"],
+     "--tls-name: needs --tls-dir"),
+    (["vm", "--image", "x", "--server", "a=127.0.0.1:1", "--via", "b=zz"],
+     "argument --via: entry 'zz'"),
+])
+def test_platform_option_errors_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["server", "--allow", "u"], ["server", "--peer", "b"], ["server", "--route", "x"],
+    ["vm", "--image", "x", "--via", "b"], ["keys", "issue", "d", "n", "--role", "root"],
+])
+def test_platform_option_syntax_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "error: argument" in capsys.readouterr().err
+
+
+def test_agent_config_via_and_tls(tmp_path):
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(textwrap.dedent("""
+        [servers]
+        a = "127.0.0.1:7700"
+        b = "via:a"
+        [tls]
+        dir = "keys"
+        name = "c1"
+        [[vm]]
+        id = 1
+        image = "g.bin"
+        map = ["port:0x3f8-0x3ff=b/uart0"]
+    """))
+    conf = load_agent_config(cfg)
+    assert conf.vias == {"b": "a"} and conf.tls == {"dir": str(tmp_path / "keys"), "name": "c1"}
+    cfg.write_text(cfg.read_text().replace('b = "via:a"', 'b = "via:zz"'))
+    with pytest.raises(ConfigError, match="reached via 'zz'"):
+        load_agent_config(cfg)

@@ -1,6 +1,7 @@
 """Forwarded port read vs. the floor it is built from, measured in one run.
 
     python3 bench/roundtrip.py [--count N] [--rounds R] [--mode pinned|unpinned|both]
+                               [--no-python-path]
 
 Three figures per mode, each the distribution of per-access latency as the guest
 experiences it (the time between two consecutive handler calls of a guest looping on
@@ -11,6 +12,9 @@ experiences it (the time between two consecutive handler calls of a guest loopin
              process, with the byte sizes of an IO_REQUEST and a FEEDBACK frame;
 * forwarded: the guest's IN answered by a real ``remote-hw server`` child process over
              loopback TCP (UART scratch register);
+* forwarded-py: the same with the C fast path off at both ends (REMOTE_HW_FASTIO=0,
+             remote_hw/fastio.py): the pure-Python path, as TLS links and machines
+             without a compiler run it;
 * bare:      for reference, the guest's IN answered by the ping-pong child straight
              from the exit handler (no protocol, no device, no server logic): what
              composing the two floors costs by itself.
@@ -36,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from remote_hw import fastio  # noqa: E402
 from remote_hw.client.agent import RemoteDevice  # noqa: E402
 from remote_hw.client.link import ServerLink  # noqa: E402
 from remote_hw.client.vmm import Vm  # noqa: E402
@@ -180,13 +185,18 @@ def pingpong(count: int, preexec) -> list[float]:
         child.wait(10)
 
 
-def forwarded(count: int, preexec) -> list[float]:
+def forwarded(count: int, preexec, c_path: bool = True) -> list[float]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if not c_path:
+        env["REMOTE_HW_FASTIO"] = "0"
     server = subprocess.Popen(
         [sys.executable, "-m", "remote_hw.cli", "server", "--listen", "127.0.0.1:0",
          "--no-mount",
          "--device", "uart0=uart16550", "--log-level", "info"],
-        stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=preexec,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=preexec, env=env)
+    saved = fastio.status()
+    if not c_path:  # this process's link: the same switch, without a restart
+        fastio._state = (False, "off for the forwarded-py figure")
     try:
         port = None
         for line in server.stderr:
@@ -200,10 +210,13 @@ def forwarded(count: int, preexec) -> list[float]:
             if link.attach(1, "uart0"):
                 raise SystemExit("attach failed")
             dev = RemoteDevice(link, 1, parse_map("port:0x3f8-0x3ff=a/uart0"))
+            if link._fast != c_path:
+                raise SystemExit(f"the link's C path is {link._fast}, wanted {c_path}")
             return run_guest(dev, count, base=0x3F8)
         finally:
             link.close()
     finally:
+        fastio._state = saved
         server.terminate()
         server.wait(10)
 
@@ -213,7 +226,8 @@ def stats(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs), xs[min(len(xs) - 1, int(len(xs) * 0.99))]
 
 
-def measure(mode: str, count: int, rounds: int) -> dict[str, tuple[float, float]]:
+def measure(mode: str, count: int, rounds: int,
+            python_path: bool = True) -> dict[str, tuple[float, float]]:
     """Each figure measured in ``rounds`` interleaved rounds (this machine's speed
     drifts from second to second); median of the round medians, p99 of all samples."""
     pinned = mode == "pinned"
@@ -225,6 +239,8 @@ def measure(mode: str, count: int, rounds: int) -> dict[str, tuple[float, float]
                "ping-pong": lambda: pingpong(count, preexec),
                "forwarded": lambda: forwarded(count, preexec),
                "bare": lambda: bare(count, preexec)}
+    if python_path:
+        figures["forwarded-py"] = lambda: forwarded(count, preexec, c_path=False)
     medians: dict[str, list[float]] = {k: [] for k in figures}
     samples: dict[str, list[float]] = {k: [] for k in figures}
     try:
@@ -243,18 +259,25 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=10000, help="accesses per figure and round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--mode", choices=("pinned", "unpinned", "both"), default="both")
+    ap.add_argument("--no-python-path", action="store_true",
+                    help="skip the forwarded-py figure (C fast path off)")
     args = ap.parse_args()
     modes = ["pinned", "unpinned"] if args.mode == "both" else [args.mode]
+    on, why = fastio.status()
+    print("C fast path (remote_hw/fastio.py): " + ("on" if on else f"OFF: {why}"))
     for mode in modes:
-        r = measure(mode, args.count, args.rounds)
+        r = measure(mode, args.count, args.rounds, python_path=on and not args.no_python_path)
         print(f"[{mode}] per-access latency, {args.rounds} rounds of {args.count} accesses "
               "(µs; median of round medians, p99 of all)")
         for name, (med, p99) in r.items():
-            print(f"  {name:<10} median {med:7.1f}   p99 {p99:7.1f}")
+            print(f"  {name:<12} median {med:7.1f}   p99 {p99:7.1f}")
         floor = r["local"][0] + r["ping-pong"][0]
         ratio = r["forwarded"][0] / floor
         print(f"  ratio forwarded / (local + ping-pong) = {r['forwarded'][0]:.1f} / {floor:.1f}"
               f" = {ratio:.2f}" + ("   (target <= 1.3 pinned)" if mode == "pinned" else ""))
+        if "forwarded-py" in r:
+            print(f"  ratio forwarded-py / (local + ping-pong) = {r['forwarded-py'][0]:.1f} / "
+                  f"{floor:.1f} = {r['forwarded-py'][0] / floor:.2f}   (pure-Python path)")
         print(f"  ratio bare / (local + ping-pong)      = {r['bare'][0]:.1f} / {floor:.1f}"
               f" = {r['bare'][0] / floor:.2f}   (composition alone, no remote-hw code)")
 

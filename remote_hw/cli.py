@@ -45,12 +45,27 @@ def _setup_logging(level: str) -> None:
                         stream=sys.stderr)
 
 
+class _Version(argparse.Action):
+    """--version, with the state of the C fast path (remote_hw/fastio.py)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from remote_hw import fastio
+        on, why = fastio.status()
+        print(f"remote-hw {__version__} (C fast path: {'on' if on else 'off, ' + why})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="remote-hw",
         description="Let KVM guests use devices that live on other machines, at register "
                     "level.")
-    p.add_argument("--version", action="version", version=f"remote-hw {__version__}")
+    p.add_argument("--version", action=_Version, help="show the version and whether the C "
+                   "fast path is in use, then exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def tls(sp: argparse.ArgumentParser, who: str) -> None:

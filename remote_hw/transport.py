@@ -41,6 +41,7 @@ class Transport:
         # The server's hot path: recv_raw(size) -> bytes, b"" at EOF, None on timeout.
         self.recv_raw = sock.recv
         self.send = sock.sendall  # type: ignore[method-assign]  # one call level less
+        self.fileno = sock.fileno  # type: ignore[method-assign]  # -1 once closed
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

@@ -8,9 +8,11 @@ cd "$(dirname "$0")/.."
 # System packages by purpose: binutils builds the guests; iproute2 makes the network
 # namespaces of the multi-host rig; etcd-server/etcd-client are the shared directory;
 # fuse3/libfuse3 serve the FUSE view (mfusepy); udev/systemd check the export rules and
-# units; vagrant validates the Vagrantfile; gcc/linux-libc-dev build python-evdev.
+# units; vagrant validates the Vagrantfile; gcc/linux-libc-dev build python-evdev;
+# gcc/python3-dev build remote_hw._fastio (the C hot path); python3-venv makes .venv.
 APT_PACKAGES=(binutils iproute2 ca-certificates etcd-server etcd-client
-              fuse3 libfuse3-3 udev util-linux systemd vagrant gcc linux-libc-dev)
+              fuse3 libfuse3-3 udev util-linux systemd vagrant gcc linux-libc-dev
+              python3-dev python3-venv)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -28,20 +30,23 @@ fi
 # without them only the probe commands are unavailable, and they say why.
 bash scripts/install_bpf.sh
 
-# The project's Python environment. The stamp records the hash of pyproject.toml so a
-# dependency change reinstalls and an unchanged tree costs nothing.
+# The project's Python environment. The stamp records the hash of pyproject.toml,
+# setup.py and the C source, so a dependency change reinstalls, a changed extension is
+# rebuilt, and an unchanged tree costs nothing.
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "install: creating .venv"
   "$PY" -m venv .venv
 fi
 stamp=.venv/.remote-hw-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py remote_hw/_fastio.c | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "install: pip install -e .[test]"
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
   echo "$want" > "$stamp"
 fi
+# The C hot path is optional (setup.py): say so when it did not build.
+.venv/bin/python -c 'from remote_hw import fastio; ok, why = fastio.status(); ok or print("install: note: C fast path off:", why)'
 
 # Guest programs are built from source on every install (cheap, reproducible).
 if [ -x guests/build.sh ]; then

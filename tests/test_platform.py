@@ -131,9 +131,12 @@ def test_interrupts_from_b_reach_only_their_vm(platform, tmp_path):
     agent = Proc(platform.rig.cmd("client", remote_hw_cmd("agent", "--config", str(cfg))))
     platform.procs.append(agent)
     agent.wait_for(r"connected as client")
-    # VM 1 attached first: its UART instance is b's first (port 7701). Type to it only.
-    # (Its banner may have gone out before we connected; the echo cannot.)
-    chat = platform.rig.run("b", [*CHAT, b_addr, "7701", "send:remote", "expect:remote"])
+    # VM 1 attached first: its UART instance is b's first (port 7701). Type to it only,
+    # and only after its banner (the backend's scrollback replays it if it went out
+    # before we connected): until the guest has set up its UART, a real 16550 keeps one
+    # byte, and the guest's FIFO reset then discards it.
+    chat = platform.rig.run("b", [*CHAT, b_addr, "7701", "expect:echo ready",
+                                  "send:remote", "expect:remote"])
     assert chat.returncode == 0, chat.stdout + chat.stderr
     assert agent.stop(signal.SIGTERM) == 130
     m1 = agent.wait_for(r"vm 1: (\d+) accesses forwarded, (\d+) interrupt changes")

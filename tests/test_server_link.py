@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from remote_hw import fastio
 from remote_hw.client.link import LinkError, ServerLink
 from remote_hw.config import DeviceSpec
 from remote_hw.protocol import CLOSED, NEED_DATA, Connection, Role
@@ -18,6 +19,17 @@ from remote_hw.server.controller import Controller
 from remote_hw.server.net import Server
 
 R, W, PORT = Direction.READ, Direction.WRITE, AccessKind.PORT
+
+
+@pytest.fixture(autouse=True, params=["c-path", "python-path"])
+def io_path(request, monkeypatch):
+    """Every test here runs over both request paths: the C fast path (when built) and
+    the pure-Python one that TLS links and machines without a compiler use."""
+    if request.param == "python-path":
+        monkeypatch.setattr(fastio, "_state", (False, "off for this test"))
+    elif not fastio.enabled():
+        pytest.skip(f"C fast path unavailable: {fastio.status()[1]}")
+    return request.param
 
 
 @pytest.fixture
@@ -48,10 +60,13 @@ def link_to(srv: Server, **kw) -> ServerLink:
     return ServerLink("a", srv.address, **kw).connect()
 
 
-def test_register_access_round_trip(server):
+def test_register_access_round_trip(server, io_path):
     link = link_to(server)
     try:
         assert link.client_id >= 1 and link.server_name == "a"
+        # Both ends took the path this run is about.
+        assert link._fast is (io_path == "c-path")
+        assert [s._fast for s in server.sessions()] == [io_path == "c-path"]
         assert link.attach(1, "uart0") == Status.OK
         assert link.io(1, "uart0", PORT, 5, 1, R) == (Status.OK, 0x60)  # LSR after reset
         assert link.io(1, "uart0", PORT, 7, 1, W, 0xA5)[0] == Status.OK  # scratch

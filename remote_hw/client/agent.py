@@ -27,6 +27,8 @@ from remote_hw.security import TlsConfig
 log = logging.getLogger("remote_hw.client")
 
 _ALL_ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+# Plain ints on the hot path: an enum member lookup costs ~70 ns per access.
+_READ, _WRITE = int(Direction.READ), int(Direction.WRITE)
 _KIND = {"port": AccessKind.PORT, "mmio": AccessKind.MMIO}
 
 
@@ -57,7 +59,7 @@ class RemoteDevice:
     def read(self, offset: int, size: int) -> int:
         self.forwarded += 1
         status, value = self.link.io(self.vm_id, self.device, self.kind, offset, size,
-                                     Direction.READ, 0, self.target)
+                                     _READ, 0, self.target)
         if status:
             self._failed(status)
             return _ALL_ONES[size]
@@ -68,7 +70,7 @@ class RemoteDevice:
     def write(self, offset: int, size: int, value: int) -> None:
         self.forwarded += 1
         status, _ = self.link.io(self.vm_id, self.device, self.kind, offset, size,
-                                 Direction.WRITE, value, self.target)
+                                 _WRITE, value, self.target)
         if status:
             self._failed(status)
         elif self.failing:

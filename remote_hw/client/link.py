@@ -31,6 +31,7 @@ import threading
 import time
 from typing import Callable
 
+from remote_hw import fastio
 from remote_hw.protocol import CLOSED, NEED_DATA, Connection, ProtocolError, Role
 from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import Status
@@ -45,6 +46,8 @@ EventCallback = Callable[[int, str, str, int], None]  # vm id, device, event nam
 StateCallback = Callable[["ServerLink", bool, str], None]  # link, up, reason
 
 _now = time.monotonic
+_request = fastio.request
+_UNREACHABLE = int(Status.UNREACHABLE)
 # How long the link must be quiet before the background reader takes over. Short
 # enough that an idle VM gets its interrupts promptly, long enough that a busy vCPU
 # does not trade leadership with it on every access.
@@ -60,12 +63,13 @@ class LinkError(ConnectionError):
 class _Slot:
     """Where a request's feedback lands."""
 
-    __slots__ = ("done", "status", "value")
+    __slots__ = ("done", "status", "value", "deadline")
 
     def __init__(self) -> None:
         self.done = False
         self.status = Status.TIMEOUT
         self.value = 0
+        self.deadline = 0.0
 
 
 class ServerLink:
@@ -104,6 +108,8 @@ class ServerLink:
         os.set_blocking(self._wake_r, False)
         self._closing = False
         self._bg: threading.Thread | None = None
+        # The C request path (remote_hw/fastio.py) serves plain TCP; TLS stays in Python.
+        self._fast = False
 
     # -- connection -------------------------------------------------------------
 
@@ -171,6 +177,7 @@ class ServerLink:
             t.close()
             raise LinkError(f"{where}: handshake failed: {e.strerror or e}") from None
         self._t, self._conn = t, conn
+        self._fast = not t.secure and fastio.enabled()
         self.client_id = welcome.client_id
         self.server_name = welcome.name
         self.up = True
@@ -233,8 +240,34 @@ class ServerLink:
         costs a fraction of a microsecond, and a forwarded access is ~30 µs in all).
         """
         if not self.up:
-            return Status.UNREACHABLE, 0
+            return _UNREACHABLE, 0
         rid = next(self._ids)
+        if self._fast and self._rlock.acquire(blocking=False):
+            # Leader at once, plain TCP: the C path encodes, sends, reads once and parses
+            # the common answer (fastio.py). Inline, not a method: this is the hot path.
+            r = NotImplemented
+            try:
+                t = self._t
+                if t is not None and not self._conn.buffered:
+                    self._last_active = _now()
+                    # fileno() is -1 once the socket is closed: the C fails with EBADF.
+                    r = _request(t.fileno(), self._wlock, rid, vm_id, client_id, offset,
+                                 data, kind, size, direction, hops, server_id, device)
+                    if r is not NotImplemented and type(r) is not tuple:
+                        r = self._lead_from(rid, r)  # not only our answer: the long way
+            except OSError as e:
+                self._down(f"connection lost: {e.strerror or e}")
+                r = _UNREACHABLE, 0
+            finally:
+                self._rlock.release()
+                if self._waiters:
+                    with self._cond:
+                        self._cond.notify_all()
+            if type(r) is tuple:
+                return r
+            if r is not NotImplemented:  # a slot still to be answered, now as a follower
+                self._await(r, rid, r.deadline)
+                return r.status, r.value
         try:
             # The positional fast path: building an IoRequest object costs more than the send.
             frame = self._conn.send_io_request(rid, vm_id, client_id, offset, data, kind,
@@ -269,6 +302,22 @@ class ServerLink:
             return Status.UNREACHABLE
         return self._call(rid, frame).status
 
+    def _lead_from(self, rid: int, data: bytes | None) -> _Slot:
+        """As leader, after the C path sent ``rid`` and read ``data`` that is not just
+        its answer: register the request and go on as the Python path does."""
+        slot = self._pending[rid] = _Slot()
+        slot.deadline = _now() + self.timeout
+        if not self.up:  # went down after the check in io(): nobody will answer
+            slot.status, slot.done = _UNREACHABLE, True
+            return slot
+        try:
+            self._first_read(slot, rid, data, slot.deadline)
+        except ProtocolError as e:
+            self._protocol_failure(e)
+        except OSError as e:
+            self._down(f"connection lost: {e.strerror or e}")
+        return slot
+
     def _call(self, rid: int, frame: bytes) -> _Slot:
         slot = _Slot()
         self._last_active = _now()
@@ -286,24 +335,7 @@ class ServerLink:
                 with self._wlock:
                     t.send(frame)
                 # Inline first read: usually exactly our feedback arrives, and nothing else.
-                data = t.recv()
-                if data:
-                    conn = self._conn
-                    conn.receive_data(data)
-                    f = conn.next_feedback()
-                    if f is not None and f[0] == rid and not conn.buffered:
-                        del self._pending[rid]
-                        slot.status, slot.value, slot.done = f[3], f[5], True
-                    else:
-                        if f is not None:  # someone else's: put it where it belongs
-                            other = self._pending.pop(f[0], None)
-                            if other is not None:
-                                other.status, other.value, other.done = f[3], f[5], True
-                        self._dispatch()
-                elif data is not None:
-                    self._down("the server closed the connection")
-                if not slot.done:
-                    self._lead_until(slot, deadline)
+                self._first_read(slot, rid, t.recv(), deadline)
             except ProtocolError as e:
                 self._protocol_failure(e)
             except OSError as e:
@@ -324,9 +356,33 @@ class ServerLink:
         self._last_active = _now()
         return slot
 
+    def _first_read(self, slot: _Slot, rid: int, data: bytes | None, deadline: float) -> None:
+        """As leader with the request sent: take the first read, then lead until done."""
+        if data:
+            conn = self._conn
+            conn.receive_data(data)
+            f = conn.next_feedback()
+            if f is not None and f[0] == rid and not conn.buffered:
+                self._pending.pop(rid, None)  # _down() may have emptied it meanwhile
+                slot.status, slot.value, slot.done = f[3], f[5], True
+            else:
+                if f is not None:  # someone else's: put it where it belongs
+                    other = self._pending.pop(f[0], None)
+                    if other is not None:
+                        other.status, other.value, other.done = f[3], f[5], True
+                self._dispatch()
+        elif data is not None:
+            self._down("the server closed the connection")
+        if not slot.done:
+            self._lead_until(slot, deadline)
+
     def _await(self, slot: _Slot, rid: int, deadline: float) -> None:
         """Wait as a follower, or lead when leadership becomes free, until answered."""
         while not slot.done:
+            if not self.up:  # a slot _down() did not see (registered after it ran)
+                slot.status = _UNREACHABLE
+                slot.done = True
+                return
             if self._rlock.acquire(blocking=False):
                 try:
                     self._lead_until(slot, deadline)

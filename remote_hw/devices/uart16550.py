@@ -281,7 +281,8 @@ class Uart16550(StreamDevice):
     def _update_irq(self) -> None:
         # The PC wires INTR through a buffer enabled by OUT2, so a driver that leaves
         # OUT2 clear gets no interrupts at all; Linux sets it.
-        level = self._pending() != IIR_NO_INT and bool(self.mcr & MCR_OUT2)
+        # OUT2 and IER first: they are cheap, and usually settle it without _pending().
+        level = bool(self.mcr & MCR_OUT2 and self.ier and self._pending() != IIR_NO_INT)
         if level != self._irq_level:
             self._irq_level = level
             if level:

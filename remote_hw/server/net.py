@@ -24,6 +24,7 @@ import ssl
 import threading
 from typing import Callable
 
+from remote_hw import fastio
 from remote_hw.protocol import CLOSED, NEED_DATA, Connection, ProtocolError, Role
 from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import ErrorCode, Status
@@ -34,6 +35,8 @@ from remote_hw.server.forward import MAX_HOPS, Forwarder
 from remote_hw.transport import TlsTransport, Transport
 
 log = logging.getLogger("remote_hw.server")
+_send_feedback = fastio.send_feedback
+_NOT_ATTACHED = int(Status.NOT_ATTACHED)
 
 
 class _OriginSink:
@@ -75,7 +78,10 @@ class ClientSession:
         self._origins: dict[int, int] = {}
         self._denied_logged: set[tuple] = set()
         self._registry = server.controller.registry  # hot path: one lookup, not three
+        self._access = server.controller.access
         self.closed = False
+        # The C fast path (remote_hw/fastio.py): plain TCP, from the handshake on.
+        self._fast = False
 
     # -- SessionSink --------------------------------------------------------------
 
@@ -137,8 +143,17 @@ class ClientSession:
         handlers = self._handlers
         next_io = conn.next_io_request
         io = self._io
+        recv_io, fileno = fastio.recv_io, t.fileno
         while True:
-            data = recv(65536)
+            if self._fast and not conn.buffered:
+                # C: read once; a lone valid IO_REQUEST comes back as its fields, and
+                # anything else as bytes for the Connection below.
+                data = recv_io(fileno())
+                if type(data) is tuple:
+                    io(data)
+                    continue
+            else:
+                data = recv(65536)
             if data is None:
                 continue
             conn.receive_data(data)
@@ -185,6 +200,7 @@ class ClientSession:
                             max_payload=self.server.max_payload,
                             features=m.SUPPORTED_FEATURES, client_id=self.client_id,
                             name=self.server.server_id))
+        self._fast = not self.t.secure and fastio.enabled()
         log.info("%s: %s %d (%s%s) connected", self.peer,
                  "peer server" if self.is_peer else "client", self.client_id, self.name,
                  ", TLS" if ident else "")
@@ -223,28 +239,55 @@ class ClientSession:
         """Answer one IO_REQUEST given as fields (see Connection.next_io_request)."""
         rid, vm_id, claimed, offset, data, kind, size, direction, hops, server_id, \
             device = f
+        if claimed or server_id or device not in self._registry:
+            self._io_other(f)  # a peer's client, a named server, or not held here
+        else:  # the common case: this client's own VM and a device held here
+            self._local(rid, vm_id, self.client_id, device, offset, size, direction, data)
+
+    def _io_other(self, f: tuple) -> None:
+        """An IO_REQUEST that names a client or a server, or a device not held here."""
+        rid, vm_id, claimed, offset, data, kind, size, direction, hops, server_id, \
+            device = f
         who = self._who(claimed, vm_id, "a request") if claimed else (self.client_id, self)
-        value = 0
         if who is None:
-            status = Status.DENIED
+            self._feedback(rid, vm_id, Status.DENIED, size, 0)
         elif (server_id and server_id != self.server.server_id) or \
                 device not in self._registry:
             status, value = self.server.forward_io(who[0], vm_id, device, server_id, kind,
                                                    offset, size, direction, data, hops)
+            self._feedback(rid, vm_id, status, size, value)
         else:
-            self._batch = batch = []
-            status, value = self.server.controller.access(
-                who[0], vm_id, device, offset, size, direction, data)
-            self._batch = None
-            if status == Status.NOT_ATTACHED:
-                self._log_denied(("vm", vm_id, device),
-                                 f"client {self.client_id} ({self.name}) used vm {vm_id} "
-                                 f"device {device}, which it has not attached")
-            if batch:  # interrupts this access raised travel in the same write
-                batch.append(self.conn.send_feedback(rid, vm_id, self.client_id, status,
-                                                     size, value))
-                self._send_raw(b"".join(batch))
+            self._local(rid, vm_id, who[0], device, offset, size, direction, data)
+
+    def _local(self, rid: int, vm_id: int, client_id: int, device: str, offset: int,
+               size: int, direction: int, data: int) -> None:
+        """One access to a device held here, for ``client_id``; sends the feedback."""
+        self._batch = batch = []
+        status, value = self._access(client_id, vm_id, device, offset, size, direction,
+                                     data)
+        self._batch = None
+        if status == _NOT_ATTACHED:
+            self._log_denied(("vm", vm_id, device),
+                             f"client {self.client_id} ({self.name}) used vm {vm_id} "
+                             f"device {device}, which it has not attached")
+        if batch:  # interrupts this access raised travel in the same write
+            batch.append(self.conn.send_feedback(rid, vm_id, self.client_id, status, size,
+                                                 value))
+            self._send_raw(b"".join(batch))
+            return
+        if self._fast:
+            try:
+                with self._wlock:
+                    if _send_feedback(self.t.fileno(), rid, vm_id, self.client_id, status,
+                                      size, value):
+                        return
+            except OSError as e:
+                log.debug("%s: send failed: %s", self.peer, e)
                 return
+            # A value the C encoder refuses: the codec below says what is wrong with it.
+        self._feedback(rid, vm_id, status, size, value)
+
+    def _feedback(self, rid: int, vm_id: int, status: int, size: int, value: int) -> None:
         self._send_raw(self.conn.send_feedback(rid, vm_id, self.client_id, status, size,
                                                value))
 
@@ -425,6 +468,10 @@ class Server:
     def start(self) -> "Server":
         self._thread = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
         self._thread.start()
+        on, why = fastio.status()
+        if not on and not self.tls:
+            log.info("server %s: C fast path off (%s): requests take the pure-Python path",
+                     self.server_id, why)
         log.info("server %s listening on %s:%d%s", self.server_id, *self.address,
                  " (mutual TLS)" if self.tls else "")
         return self

@@ -108,23 +108,28 @@ static int send_all(int fd, const char *buf, Py_ssize_t len) {
     return 0;
 }
 
-/* One recv() with the GIL released; signals that interrupt it (the vCPU kicker's)
- * are retried.  Returns the count, 0 at EOF, -1 with errno (EAGAIN: the socket's
- * receive timeout passed). */
+/* One recv() with the GIL released.  A signal that interrupts it (the vCPU kicker's,
+ * or Ctrl-C) runs its Python handler, as PEP 475 has Python's own calls do, and the
+ * read is retried unless the handler raised.  Returns the count, 0 at EOF, -1 with
+ * errno (EAGAIN: the socket's receive timeout passed), or -2 with a Python error set. */
 static ssize_t recv_once(int fd, unsigned char *buf) {
     ssize_t n;
-    int err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    do n = recv(fd, buf, RECV_CAP, 0);
-    while (n < 0 && errno == EINTR);
-    if (n < 0) err = errno;
-    Py_END_ALLOW_THREADS
+    int err;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        n = recv(fd, buf, RECV_CAP, 0);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (n >= 0 || err != EINTR) break;
+        if (PyErr_CheckSignals() < 0) return -2;
+    }
     if (n < 0) errno = err;
     return n;
 }
 
 /* The result of a read that is not the common frame: bytes, b"" (EOF), None (timeout). */
 static PyObject *uncommon(ssize_t n, const unsigned char *buf) {
+    if (n == -2) return NULL;  /* a signal handler raised */
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK) Py_RETURN_NONE;
         return PyErr_SetFromErrno(PyExc_OSError);

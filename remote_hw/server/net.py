@@ -196,11 +196,11 @@ class ClientSession:
         self.client_id = self.server.new_client_id()
         self.name = ident.name if ident else hello.name
         self.server._register(self)
+        self._fast = not self.t.secure and fastio.enabled()  # before the client hears back
         self.send(m.Welcome(major=m.PROTOCOL_MAJOR, minor=m.PROTOCOL_MINOR,
                             max_payload=self.server.max_payload,
                             features=m.SUPPORTED_FEATURES, client_id=self.client_id,
                             name=self.server.server_id))
-        self._fast = not self.t.secure and fastio.enabled()
         log.info("%s: %s %d (%s%s) connected", self.peer,
                  "peer server" if self.is_peer else "client", self.client_id, self.name,
                  ", TLS" if ident else "")

@@ -150,6 +150,21 @@ static int feedback_ok(const unsigned char *p) {
            fits(rd64(p + FB_DATA), size);
 }
 
+/* n Python ints, each in 0..max[i], into out; 0 when one is not (no error is left set:
+ * the caller hands such values to the codec, which says what is wrong with them). */
+static int take_uints(PyObject *const *args, int n, const uint64_t *max, uint64_t *out) {
+    for (int i = 0; i < n; i++) {
+        if (!PyLong_Check(args[i])) return 0;
+        out[i] = PyLong_AsUnsignedLongLong(args[i]);
+        if (out[i] == (uint64_t)-1 && PyErr_Occurred()) {
+            PyErr_Clear();  /* negative or wider than 64 bits */
+            return 0;
+        }
+        if (out[i] > max[i]) return 0;
+    }
+    return 1;
+}
+
 static int parse_fd(PyObject *arg, int *fd) {
     *fd = (int)PyLong_AsLong(arg);
     return !(*fd == -1 && PyErr_Occurred());
@@ -219,16 +234,7 @@ static PyObject *request(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     uint64_t v[9];
     static const uint64_t max[9] = {UINT64_MAX, UINT32_MAX, UINT32_MAX, UINT64_MAX,
                                     UINT64_MAX, 255, 255, 255, 255};
-    for (int i = 0; i < 9; i++) {
-        PyObject *o = args[2 + i];
-        if (!PyLong_Check(o)) Py_RETURN_NOTIMPLEMENTED;
-        v[i] = PyLong_AsUnsignedLongLong(o);
-        if (v[i] == (uint64_t)-1 && PyErr_Occurred()) {
-            PyErr_Clear();  /* negative or too large */
-            Py_RETURN_NOTIMPLEMENTED;
-        }
-        if (v[i] > max[i]) Py_RETURN_NOTIMPLEMENTED;
-    }
+    if (!take_uints(args + 2, 9, max, v)) Py_RETURN_NOTIMPLEMENTED;
     uint64_t rid = v[0], data = v[4];
     unsigned kind = (unsigned)v[5], size = (unsigned)v[6], dir = (unsigned)v[7];
     if (kind >= 32 || !(kind_ok >> kind & 1) || dir >= 32 || !(dir_ok >> dir & 1) ||
@@ -367,35 +373,26 @@ static PyObject *send_feedback(PyObject *self, PyObject *const *args, Py_ssize_t
                             nargs);
     if (!parse_fd(args[0], &fd)) return NULL;
     /* No format-string parsing: this runs once per request. */
-    unsigned long long v[6];
-    for (int i = 0; i < 6; i++) {
-        if (!PyLong_Check(args[1 + i])) Py_RETURN_FALSE;
-        v[i] = PyLong_AsUnsignedLongLong(args[1 + i]);
-        if (v[i] == (unsigned long long)-1 && PyErr_Occurred()) {
-            PyErr_Clear();  /* negative or too large: the codec's path says so */
-            Py_RETURN_FALSE;
-        }
-    }
-    unsigned long long rid = v[0], vm = v[1], cid = v[2], data = v[5];
-    if (v[3] >= 64 || v[4] > 8) Py_RETURN_FALSE;
+    uint64_t v[6];
+    static const uint64_t max[6] = {UINT64_MAX, UINT32_MAX, UINT32_MAX, 63, 8, UINT64_MAX};
+    if (!take_uints(args + 1, 6, max, v)) Py_RETURN_FALSE;
+    uint64_t rid = v[0], vm = v[1], cid = v[2], data = v[5];
     unsigned int status = (unsigned int)v[3], size = (unsigned int)v[4];
-    if (vm > 0xffffffffULL || cid > 0xffffffffULL || !(status_ok >> status & 1)
-        || !size_ok(size, 1) || !fits(data, size))
+    if (!(status_ok >> status & 1) || !size_ok(size, 1) || !fits(data, size))
         Py_RETURN_FALSE;
     unsigned char f[HDR + FB_LEN];
     uint32_t len = FB_LEN, vm32 = (uint32_t)vm, cid32 = (uint32_t)cid;
     uint16_t st = (uint16_t)status;
-    uint64_t r = rid, d = data;
     f[0] = MAGIC0; f[1] = MAGIC1; f[2] = T_FEEDBACK; f[3] = 0;
     memcpy(f + 4, &len, 4);
     unsigned char *p = f + HDR;
-    memcpy(p + FB_RID, &r, 8);
+    memcpy(p + FB_RID, &rid, 8);
     memcpy(p + FB_VM, &vm32, 4);
     memcpy(p + FB_CID, &cid32, 4);
     memcpy(p + FB_STATUS, &st, 2);
     p[FB_SIZE] = (unsigned char)size;
     p[FB_PAD] = 0;
-    memcpy(p + FB_DATA, &d, 8);
+    memcpy(p + FB_DATA, &data, 8);
     if (send_all(fd, (const char *)f, sizeof f) < 0) return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_TRUE;
 }

@@ -99,6 +99,52 @@ def test_send_feedback_encodes_as_the_codec(rid, vm, cid, status, size, raw):
         assert b.recv(4096) == codec.encode_feedback(rid, vm, cid, status, size, data)
 
 
+def _mutated(frame: bytes, at: int, value: int, cut: int) -> bytes:
+    """A frame with one byte changed and possibly cut short."""
+    b = bytearray(frame)
+    b[at % len(b)] = value
+    return bytes(b[:max(1, len(b) - cut)])
+
+
+@settings(max_examples=500, deadline=None)
+@given(io_fields(), st.integers(0, 600), st.integers(0, 255), st.sampled_from([0, 0, 0, 1, 9]))
+def test_recv_io_on_damaged_frames_agrees_with_the_codec(fields, at, value, cut):
+    # Whatever arrives, the C either hands it back untouched or decodes exactly what
+    # the codec decodes from it: it never accepts a frame the codec would not.
+    frame = _mutated(codec.encode_io_request(*fields), at, value, cut)
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(frame)
+        got = fastio.recv_io(b.fileno())
+    if type(got) is tuple:
+        hdr = struct.unpack_from("<2sBBI", frame)
+        assert hdr == (b"RH", MsgType.IO_REQUEST, 0, len(frame) - 8)
+        assert got == codec.io_request_fields(frame, 8, len(frame))
+    else:
+        assert got == frame
+
+
+@settings(max_examples=500, deadline=None)
+@given(u64, st.sampled_from(list(Status)), st.sampled_from([0, 1, 2, 4, 8]), u64,
+       st.integers(0, 40), st.integers(0, 255), st.sampled_from([0, 0, 0, 1, 9]))
+def test_request_on_damaged_answers_agrees_with_the_codec(rid, status, size, raw, at, value,
+                                                          cut):
+    _learn("", "uart0")
+    data = raw & ((1 << (8 * size)) - 1) if size else 0
+    answer = _mutated(codec.encode_feedback(rid, 1, 1, status, size, data), at, value, cut)
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(answer)
+        got = fastio.request(a.fileno(), threading.Lock(), rid, 1, 0, 7, 0, 0, 1, 0, 0, "",
+                             "uart0")
+    if type(got) is tuple:
+        f = codec.feedback_fields(answer, 8, len(answer))
+        assert answer[:8] == b"RH\x04\x00" + struct.pack("<I", 28)
+        assert f is not None and f[0] == rid and got == (f[3], f[5])
+    else:
+        assert got == answer
+
+
 def _io(rid=5, device="uart0", size=1, data=0, sid="") -> bytes:
     _learn(sid or "x", device)
     return codec.encode_io_request(rid, 1, 0, 7, data, 0, size, 0, 0, sid, device)

@@ -226,8 +226,8 @@ class Controller:
     # -- the request path -------------------------------------------------------
 
     def access(self, client_id: int, vm_id: int, device: str, offset: int, size: int,
-               direction: int, data: int) -> tuple[Status, int]:
-        """Perform one register access; returns (status, value read or 0)."""
+               direction: int, data: int) -> tuple[int, int]:
+        """Perform one register access; returns (a Status value, value read or 0)."""
         # Every guest access runs this: plain-int constants, no enum lookups.
         inst = self._attached.get((client_id, vm_id, device))
         if inst is None:

@@ -3,7 +3,7 @@
     python3 bench/roundtrip.py [--count N] [--rounds R] [--mode pinned|unpinned|both]
                                [--no-python-path]
 
-Three figures per mode, each the distribution of per-access latency as the guest
+Five figures per mode, each the distribution of per-access latency as the guest
 experiences it (the time between two consecutive handler calls of a guest looping on
 ``in al, dx``: exit, dispatch, answer, re-entry and one loop iteration):
 
@@ -20,9 +20,10 @@ experiences it (the time between two consecutive handler calls of a guest loopin
              composing the two floors costs by itself.
 
 It prints median and p99 of each and the ratio forwarded / (local + ping-pong) of the
-medians. "pinned" runs this process and its children on CPU 0 (on a 2-core machine a
-wake-up across cores costs ~30 µs, which would dominate); "unpinned" lets the kernel
-place them.
+medians; and, since the machine's speed drifts between rounds, the same ratio paired
+within each round (median over the rounds). "pinned" runs this process and its
+children on CPU 0 (on a 2-core machine a wake-up across cores costs ~30 µs, which
+would dominate); "unpinned" lets the kernel place them.
 """
 
 from __future__ import annotations
@@ -227,9 +228,11 @@ def stats(xs: list[float]) -> tuple[float, float]:
 
 
 def measure(mode: str, count: int, rounds: int,
-            python_path: bool = True) -> dict[str, tuple[float, float]]:
+            python_path: bool = True) -> tuple[dict[str, tuple[float, float]],
+                                               dict[str, list[float]]]:
     """Each figure measured in ``rounds`` interleaved rounds (this machine's speed
-    drifts from second to second); median of the round medians, p99 of all samples."""
+    drifts from second to second): (median of the round medians and p99 of all
+    samples, per figure; and each figure's round medians, for paired ratios)."""
     pinned = mode == "pinned"
     saved = os.sched_getaffinity(0)
     preexec = (lambda: os.sched_setaffinity(0, {0})) if pinned else None
@@ -251,13 +254,21 @@ def measure(mode: str, count: int, rounds: int,
                 samples[name] += xs
     finally:
         os.sched_setaffinity(0, saved)
-    return {k: (statistics.median(medians[k]), stats(samples[k])[1]) for k in figures}
+    return ({k: (statistics.median(medians[k]), stats(samples[k])[1]) for k in figures},
+            medians)
+
+
+def paired(rounds: dict[str, list[float]], name: str) -> float:
+    """Median over rounds of figure / (local + ping-pong) of the same round: a drift of
+    the machine between rounds then moves numerator and floor together."""
+    return statistics.median(f / (lo + pp) for f, lo, pp in
+                             zip(rounds[name], rounds["local"], rounds["ping-pong"]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=10000, help="accesses per figure and round")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     ap.add_argument("--mode", choices=("pinned", "unpinned", "both"), default="both")
     ap.add_argument("--no-python-path", action="store_true",
                     help="skip the forwarded-py figure (C fast path off)")
@@ -266,7 +277,8 @@ def main() -> None:
     on, why = fastio.status()
     print("C fast path (remote_hw/fastio.py): " + ("on" if on else f"OFF: {why}"))
     for mode in modes:
-        r = measure(mode, args.count, args.rounds, python_path=on and not args.no_python_path)
+        r, per_round = measure(mode, args.count, args.rounds,
+                               python_path=on and not args.no_python_path)
         print(f"[{mode}] per-access latency, {args.rounds} rounds of {args.count} accesses "
               "(µs; median of round medians, p99 of all)")
         for name, (med, p99) in r.items():
@@ -275,6 +287,10 @@ def main() -> None:
         ratio = r["forwarded"][0] / floor
         print(f"  ratio forwarded / (local + ping-pong) = {r['forwarded'][0]:.1f} / {floor:.1f}"
               f" = {ratio:.2f}" + ("   (target <= 1.3 pinned)" if mode == "pinned" else ""))
+        print(f"  paired per round (median of {args.rounds}): forwarded "
+              f"{paired(per_round, 'forwarded'):.2f}, bare {paired(per_round, 'bare'):.2f}"
+              + (f", forwarded-py {paired(per_round, 'forwarded-py'):.2f}"
+                 if "forwarded-py" in r else ""))
         if "forwarded-py" in r:
             print(f"  ratio forwarded-py / (local + ping-pong) = {r['forwarded-py'][0]:.1f} / "
                   f"{floor:.1f} = {r['forwarded-py'][0] / floor:.2f}   (pure-Python path)")

@@ -259,10 +259,7 @@ class ServerLink:
                 self._down(f"connection lost: {e.strerror or e}")
                 r = _UNREACHABLE, 0
             finally:
-                self._rlock.release()
-                if self._waiters:
-                    with self._cond:
-                        self._cond.notify_all()
+                self._release_lead()
             if type(r) is tuple:
                 return r
             if r is not NotImplemented:  # a slot still to be answered, now as a follower
@@ -310,12 +307,7 @@ class ServerLink:
         if not self.up:  # went down after the check in io(): nobody will answer
             slot.status, slot.done = _UNREACHABLE, True
             return slot
-        try:
-            self._first_read(slot, rid, data, slot.deadline)
-        except ProtocolError as e:
-            self._protocol_failure(e)
-        except OSError as e:
-            self._down(f"connection lost: {e.strerror or e}")
+        self._first_read(slot, rid, data, slot.deadline)
         return slot
 
     def _call(self, rid: int, frame: bytes) -> _Slot:
@@ -335,16 +327,13 @@ class ServerLink:
                 with self._wlock:
                     t.send(frame)
                 # Inline first read: usually exactly our feedback arrives, and nothing else.
-                self._first_read(slot, rid, t.recv(), deadline)
-            except ProtocolError as e:
-                self._protocol_failure(e)
+                data = t.recv()
             except OSError as e:
                 self._down(f"connection lost: {e.strerror or e}")
+            else:
+                self._first_read(slot, rid, data, deadline)
             finally:
-                self._rlock.release()
-                if self._waiters:
-                    with self._cond:
-                        self._cond.notify_all()
+                self._release_lead()
         else:
             try:
                 with self._wlock:
@@ -356,25 +345,37 @@ class ServerLink:
         self._last_active = _now()
         return slot
 
+    def _release_lead(self) -> None:
+        """Give up leadership; wake followers, which may lead now or were answered."""
+        self._rlock.release()
+        if self._waiters:
+            with self._cond:
+                self._cond.notify_all()
+
     def _first_read(self, slot: _Slot, rid: int, data: bytes | None, deadline: float) -> None:
         """As leader with the request sent: take the first read, then lead until done."""
-        if data:
-            conn = self._conn
-            conn.receive_data(data)
-            f = conn.next_feedback()
-            if f is not None and f[0] == rid and not conn.buffered:
-                self._pending.pop(rid, None)  # _down() may have emptied it meanwhile
-                slot.status, slot.value, slot.done = f[3], f[5], True
-            else:
-                if f is not None:  # someone else's: put it where it belongs
-                    other = self._pending.pop(f[0], None)
-                    if other is not None:
-                        other.status, other.value, other.done = f[3], f[5], True
-                self._dispatch()
-        elif data is not None:
-            self._down("the server closed the connection")
-        if not slot.done:
-            self._lead_until(slot, deadline)
+        try:
+            if data:
+                conn = self._conn
+                conn.receive_data(data)
+                f = conn.next_feedback()
+                if f is not None and f[0] == rid and not conn.buffered:
+                    self._pending.pop(rid, None)  # _down() may have emptied it meanwhile
+                    slot.status, slot.value, slot.done = f[3], f[5], True
+                else:
+                    if f is not None:  # someone else's: put it where it belongs
+                        other = self._pending.pop(f[0], None)
+                        if other is not None:
+                            other.status, other.value, other.done = f[3], f[5], True
+                    self._dispatch()
+            elif data is not None:
+                self._down("the server closed the connection")
+            if not slot.done:
+                self._lead_until(slot, deadline)
+        except ProtocolError as e:
+            self._protocol_failure(e)
+        except OSError as e:
+            self._down(f"connection lost: {e.strerror or e}")
 
     def _await(self, slot: _Slot, rid: int, deadline: float) -> None:
         """Wait as a follower, or lead when leadership becomes free, until answered."""
@@ -387,10 +388,7 @@ class ServerLink:
                 try:
                     self._lead_until(slot, deadline)
                 finally:
-                    self._rlock.release()
-                    if self._waiters:
-                        with self._cond:
-                            self._cond.notify_all()
+                    self._release_lead()
             else:
                 if self._bg_leading:
                     try:

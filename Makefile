@@ -1,5 +1,5 @@
 # The two commands a newcomer needs; both run the idempotent install first.
-.PHONY: install demo test bench
+.PHONY: install demo test bench fresh-check
 
 install:
 	@bash scripts/install.sh
@@ -12,3 +12,7 @@ test: install
 
 bench: install
 	.venv/bin/python bench/roundtrip.py
+
+# Rehearse CI: a fresh clone of the committed tree, a new .venv, the test command.
+fresh-check:
+	@bash scripts/fresh_check.sh

@@ -8,11 +8,15 @@ cd "$(dirname "$0")/.."
 # System packages by purpose: binutils builds the guests; iproute2 makes the network
 # namespaces of the multi-host rig; etcd-server/etcd-client are the shared directory;
 # fuse3/libfuse3 serve the FUSE view (mfusepy); udev/systemd check the export rules and
-# units; vagrant validates the Vagrantfile; gcc/linux-libc-dev build python-evdev;
-# gcc/python3-dev build remote_hw._fastio (the C hot path); python3-venv makes .venv.
+# units; vagrant with its libvirt provider plugin (a separate package, and only a
+# "recommends" of vagrant, so it must be named) validates the Vagrantfile;
+# gcc/linux-libc-dev build python-evdev; gcc/python3-dev build remote_hw._fastio (the C
+# hot path); python3-venv makes .venv; git clones the tree for `make fresh-check`.
+# tests/test_environment.py keeps this list honest: it fails naming the package when
+# a tool the suite uses is missing.
 APT_PACKAGES=(binutils iproute2 ca-certificates etcd-server etcd-client
-              fuse3 libfuse3-3 udev util-linux systemd vagrant gcc linux-libc-dev
-              python3-dev python3-venv)
+              fuse3 libfuse3-3 udev util-linux systemd vagrant vagrant-libvirt gcc
+              linux-libc-dev python3-dev python3-venv git)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -1,4 +1,4 @@
-"""The one compiled part of remote-hw: remote_hw._fastio (see remote_hw/fastio.py).
+"""The one compiled part of remote-hw: remote_hw.net._fastio (see remote_hw/net/fastio.py).
 
 Everything else is in pyproject.toml.  The extension is optional: where no C compiler
 or Python headers exist the install still succeeds and remote-hw runs its pure-Python
@@ -7,6 +7,6 @@ path (``remote-hw --version`` and the benchmarks say which one is in use).
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("remote_hw._fastio", ["remote_hw/_fastio.c"], optional=True,
+setup(ext_modules=[Extension("remote_hw.net._fastio", ["remote_hw/net/_fastio.c"], optional=True,
                              extra_compile_args=["-O2", "-Wall", "-Wextra",
                                                  "-Wno-unused-parameter"])])

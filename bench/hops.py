@@ -43,9 +43,9 @@ ADDR = {"client": f"{NET}.10", "a": f"{NET}.11", "b": f"{NET}.12"}
 def measure(address: str, count: int, tls_dir: str | None) -> dict:
     """Run in the client namespace: one figure, as JSON on stdout."""
     from remote_hw.client.agent import RemoteDevice
-    from remote_hw.client.link import ServerLink
+    from remote_hw.net.link import ServerLink
     from remote_hw.config import parse_map
-    from remote_hw.security import TlsConfig
+    from remote_hw.net.security import TlsConfig
     import roundtrip as rt
     host, port = address.rsplit(":", 1)
     tls = TlsConfig(Path(tls_dir), "bench") if tls_dir else None
@@ -180,7 +180,7 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.measure, args.count, args.tls_dir)))
         return
-    from remote_hw import security
+    from remote_hw.net import security
     subprocess.run(["bash", str(RIG), "up", PREFIX, NET], check=True, capture_output=True)
     try:
         with tempfile.TemporaryDirectory() as keys:

@@ -13,7 +13,7 @@ experiences it (the time between two consecutive handler calls of a guest loopin
 * forwarded: the guest's IN answered by a real ``remote-hw server`` child process over
              loopback TCP (UART scratch register);
 * forwarded-py: the same with the C fast path off at both ends (REMOTE_HW_FASTIO=0,
-             remote_hw/fastio.py): the pure-Python path, as TLS links and machines
+             remote_hw/net/fastio.py): the pure-Python path, as TLS links and machines
              without a compiler run it;
 * bare:      for reference, the guest's IN answered by the ping-pong child straight
              from the exit handler (no protocol, no device, no server logic): what
@@ -41,9 +41,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from remote_hw import fastio  # noqa: E402
+from remote_hw.net import fastio  # noqa: E402
 from remote_hw.client.agent import RemoteDevice  # noqa: E402
-from remote_hw.client.link import ServerLink  # noqa: E402
+from remote_hw.net.link import ServerLink  # noqa: E402
 from remote_hw.client.vmm import Vm  # noqa: E402
 from remote_hw.config import parse_map  # noqa: E402
 from remote_hw.guest_images import guest_image  # noqa: E402
@@ -275,7 +275,7 @@ def main() -> None:
     args = ap.parse_args()
     modes = ["pinned", "unpinned"] if args.mode == "both" else [args.mode]
     on, why = fastio.status()
-    print("C fast path (remote_hw/fastio.py): " + ("on" if on else f"OFF: {why}"))
+    print("C fast path (remote_hw/net/fastio.py): " + ("on" if on else f"OFF: {why}"))
     for mode in modes:
         r, per_round = measure(mode, args.count, args.rounds,
                                python_path=on and not args.no_python_path)

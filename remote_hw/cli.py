@@ -46,14 +46,14 @@ def _setup_logging(level: str) -> None:
 
 
 class _Version(argparse.Action):
-    """--version, with the state of the C fast path (remote_hw/fastio.py)."""
+    """--version, with the state of the C fast path (remote_hw/net/fastio.py)."""
 
     def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
                  default: str = argparse.SUPPRESS, help: str | None = None) -> None:
         super().__init__(option_strings, dest, nargs=0, default=default, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        from remote_hw import fastio
+        from remote_hw.net import fastio
         on, why = fastio.status()
         print(f"remote-hw {__version__} (C fast path: {'on' if on else 'off, ' + why})")
         parser.exit()

@@ -9,12 +9,12 @@ import threading
 
 from remote_hw.cli import wait_for_signal
 from remote_hw.client.agent import Agent
-from remote_hw.client.link import LinkError
+from remote_hw.net.link import LinkError
 from remote_hw.client.vmm.vm import STATUS_RESET, STATUS_STOPPED
 from pathlib import Path
 
 from remote_hw.config import ConfigError, DeviceSpec, VmConfig, load_agent_config, parse_map
-from remote_hw.security import KeyMaterialError, TlsConfig
+from remote_hw.net.security import KeyMaterialError, TlsConfig
 from remote_hw.server.directory import DirectoryError
 from remote_hw.server.fusefs import FuseError, FuseView, default_mountpoint
 from remote_hw.guest_images import GuestBuildError, guest_image
@@ -152,7 +152,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from remote_hw import security
+    from remote_hw.net import security
     try:
         if args.keys_command == "init":
             path = security.init_ca(args.dir)

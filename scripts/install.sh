@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # fuse3/libfuse3 serve the FUSE view (mfusepy); udev/systemd check the export rules and
 # units; vagrant with its libvirt provider plugin (a separate package, and only a
 # "recommends" of vagrant, so it must be named) validates the Vagrantfile;
-# gcc/linux-libc-dev build python-evdev; gcc/python3-dev build remote_hw._fastio (the C
+# gcc/linux-libc-dev build python-evdev; gcc/python3-dev build remote_hw.net._fastio (the C
 # hot path); python3-venv makes .venv; git clones the tree for `make fresh-check`.
 # tests/test_environment.py keeps this list honest: it fails naming the package when
 # a tool the suite uses is missing.
@@ -43,14 +43,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.remote-hw-installed
-want=$(cat pyproject.toml setup.py remote_hw/_fastio.c | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py remote_hw/net/_fastio.c | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "install: pip install -e .[test]"
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
   echo "$want" > "$stamp"
 fi
 # The C hot path is optional (setup.py): say so when it did not build.
-.venv/bin/python -c 'from remote_hw import fastio; ok, why = fastio.status(); ok or print("install: note: C fast path off:", why)'
+.venv/bin/python -c 'from remote_hw.net import fastio; ok, why = fastio.status(); ok or print("install: note: C fast path off:", why)'
 
 # Guest programs are built from source on every install (cheap, reproducible).
 if [ -x guests/build.sh ]; then

@@ -1,4 +1,4 @@
-"""The C fast path (remote_hw._fastio) against the Python codec, on real sockets.
+"""The C fast path (remote_hw.net._fastio) against the Python codec, on real sockets.
 
 The C recognises only the common frames and hands everything else back as bytes, so
 these tests check both halves: that what it recognises it decodes and encodes exactly
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from remote_hw import fastio
+from remote_hw.net import fastio
 from remote_hw.protocol import codec
 from remote_hw.protocol.messages import AccessKind, Direction, MsgType, Status
 

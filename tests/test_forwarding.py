@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from remote_hw.client.link import ServerLink
+from remote_hw.net.link import ServerLink
 from remote_hw.config import DeviceSpec
 from remote_hw.protocol.messages import AccessKind, Direction, Status
 from remote_hw.server.controller import Controller

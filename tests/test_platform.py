@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from remote_hw import security
+from remote_hw.net import security
 from remote_hw.guest_images import guest_image
 
 from helpers import REPO, Proc, remote_hw_cmd

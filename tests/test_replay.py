@@ -32,7 +32,7 @@ from typing import Callable
 import pytest
 
 from remote_hw.backends.keys import ScancodeDecoder
-from remote_hw.client.link import ServerLink
+from remote_hw.net.link import ServerLink
 from remote_hw.config import DeviceSpec
 from remote_hw.devices.base import EVENT_RESET_REQUEST
 from remote_hw.devices.tracefmt import TraceRecord, format_record, read_trace

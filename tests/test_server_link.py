@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from remote_hw import fastio
-from remote_hw.client.link import LinkError, ServerLink
+from remote_hw.net import fastio
+from remote_hw.net.link import LinkError, ServerLink
 from remote_hw.config import DeviceSpec
 from remote_hw.protocol import CLOSED, NEED_DATA, Connection, Role
 from remote_hw.protocol import messages as m

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from remote_hw.client.link import LinkError, ServerLink
+from remote_hw.net.link import LinkError, ServerLink
 from remote_hw.client.vmm.bus import Bus
 from remote_hw.client.vmm.vm import Vm
 
@@ -22,7 +22,7 @@ from remote_hw.client.vmm.vm import Vm
 STATUS_CRASHED = 0x200
 from remote_hw.config import MapSpec, VmConfig
 from remote_hw.protocol.messages import AccessKind, Direction, Status
-from remote_hw.security import TlsConfig
+from remote_hw.net.security import TlsConfig
 
 log = logging.getLogger("remote_hw.client")
 

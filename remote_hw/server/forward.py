@@ -21,9 +21,9 @@ import threading
 import time
 from typing import Callable
 
-from remote_hw.client.link import LinkError, ServerLink
+from remote_hw.net.link import LinkError, ServerLink
 from remote_hw.protocol.messages import Role, Status
-from remote_hw.security import TlsConfig
+from remote_hw.net.security import TlsConfig
 from remote_hw.server.directory import Directory
 
 log = logging.getLogger("remote_hw.forward")

@@ -24,15 +24,15 @@ import ssl
 import threading
 from typing import Callable
 
-from remote_hw import fastio
+from remote_hw.net import fastio
 from remote_hw.protocol import CLOSED, NEED_DATA, Connection, ProtocolError, Role
 from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import ErrorCode, Status
-from remote_hw.security import Identity, KeyMaterialError, TlsConfig
+from remote_hw.net.security import Identity, KeyMaterialError, TlsConfig
 from remote_hw.server.controller import Controller
 from remote_hw.server.directory import Directory, StaticDirectory
 from remote_hw.server.forward import MAX_HOPS, Forwarder
-from remote_hw.transport import TlsTransport, Transport
+from remote_hw.net.transport import TlsTransport, Transport
 
 log = logging.getLogger("remote_hw.server")
 _send_feedback = fastio.send_feedback
@@ -80,7 +80,7 @@ class ClientSession:
         self._registry = server.controller.registry  # hot path: one lookup, not three
         self._access = server.controller.access
         self.closed = False
-        # The C fast path (remote_hw/fastio.py): plain TCP, from the handshake on.
+        # The C fast path (remote_hw/net/fastio.py): plain TCP, from the handshake on.
         self._fast = False
 
     # -- SessionSink --------------------------------------------------------------

@@ -1,5 +1,5 @@
 /*
- * remote_hw._fastio: the hot path's socket calls, in C.
+ * remote_hw.net._fastio: the hot path's socket calls, in C.
  *
  * Why this exists: on this class of machine a forwarded register read is a KVM exit,
  * one TCP round trip and a few dozen Python bytecodes at each end, and right after a
@@ -14,7 +14,7 @@
  * case.
  *
  * The frame layouts mirror remote_hw/protocol/messages.py (the one definition).
- * remote_hw/fastio.py checks this mirror against the Python codec at import, with
+ * remote_hw/net/fastio.py checks this mirror against the Python codec at import, with
  * frames the codec encodes, and refuses to use it if they disagree.
  *
  * Little-endian host assumed (x86-64, like the KVM structs elsewhere).
@@ -407,8 +407,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "remote_hw._fastio",
-    "The hot path's socket calls in C (see remote_hw/fastio.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, "remote_hw.net._fastio",
+    "The hot path's socket calls in C (see remote_hw/net/fastio.py).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -3,7 +3,7 @@
 A forwarded register read costs a KVM exit, one TCP round trip, and the Python both
 ends run for it. Right after a KVM exit or a context switch that Python runs two to
 three times slower than in a warm loop, so it is the largest part of the total that
-remote-hw adds (docs/performance.md). ``remote_hw._fastio`` (remote_hw/_fastio.c)
+remote-hw adds (docs/performance.md). ``remote_hw.net._fastio`` (remote_hw/net/_fastio.c)
 does the hot socket calls in C:
 
 * client: ``request(fd, wlock, request_id, ...)`` encodes an IO_REQUEST, sends it
@@ -37,7 +37,7 @@ from remote_hw.protocol.messages import AccessKind, Direction, Status
 __all__ = ["enabled", "status", "request", "recv_io", "send_feedback"]
 
 try:
-    from remote_hw import _fastio as _c
+    from remote_hw.net import _fastio as _c
 except ImportError as e:  # not compiled: the pure-Python path serves
     _c = None
     _missing = f"not built ({e})"

@@ -31,12 +31,12 @@ import threading
 import time
 from typing import Callable
 
-from remote_hw import fastio
+from remote_hw.net import fastio
 from remote_hw.protocol import CLOSED, NEED_DATA, Connection, ProtocolError, Role
 from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import Status
-from remote_hw.security import Identity, KeyMaterialError, TlsConfig
-from remote_hw.transport import TlsTransport, Transport
+from remote_hw.net.security import Identity, KeyMaterialError, TlsConfig
+from remote_hw.net.transport import TlsTransport, Transport
 
 log = logging.getLogger("remote_hw.client")
 
@@ -108,7 +108,7 @@ class ServerLink:
         os.set_blocking(self._wake_r, False)
         self._closing = False
         self._bg: threading.Thread | None = None
-        # The C request path (remote_hw/fastio.py) serves plain TCP; TLS stays in Python.
+        # The C request path (remote_hw/net/fastio.py) serves plain TCP; TLS stays in Python.
         self._fast = False
 
     # -- connection -------------------------------------------------------------

@@ -19,7 +19,7 @@ import ssl
 import struct
 import threading
 
-from remote_hw.security import Identity, KeyMaterialError, peer_identity
+from remote_hw.net.security import Identity, KeyMaterialError, peer_identity
 
 RECV_SIZE = 65536
 

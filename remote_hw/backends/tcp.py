@@ -157,7 +157,7 @@ class TcpBackend(QueuedStreamBackend):
             rlist: list[Any] = [listener, self._wake_r]
             if peer is not None:
                 rlist.append(peer)
-            wlist = [peer] if want_write else []
+            wlist: list[Any] = [peer] if want_write else []
             try:
                 readable, writable, _ = select.select(rlist, wlist, [])
             except (OSError, ValueError):

@@ -330,9 +330,9 @@ class CmosRtc(Device):
         if halted == self._halted:
             return
         if halted:
-            dt = datetime.fromtimestamp(self._guest_time(), _UTC)
-            self._store_time(dt)
-            self._frozen_at = dt
+            frozen = datetime.fromtimestamp(self._guest_time(), _UTC)
+            self._store_time(frozen)
+            self._frozen_at = frozen
             self._halted = True
             return
         dt = self._decode_time()

@@ -23,7 +23,7 @@ import gzip
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, TextIO
 
 __all__ = [
     "TraceRecord", "Trace", "TraceFormatError", "ACCESS_OPS", "LEVEL_OPS", "BYTE_OPS",
@@ -146,7 +146,7 @@ def parse_line(text: str, line: int = 0, path: str | None = None) -> TraceRecord
         raise TraceFormatError(str(e), path, line, text) from None
 
 
-def _open_text(path: str | os.PathLike[str]):
+def _open_text(path: str | os.PathLike[str]) -> TextIO:
     with open(path, "rb") as f:
         magic = f.read(2)
     if magic == b"\x1f\x8b":

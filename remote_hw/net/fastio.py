@@ -29,13 +29,15 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from typing import Any
+import types
+from typing import Any, Iterable
 
 from remote_hw.protocol import codec
-from remote_hw.protocol.messages import AccessKind, Direction, Status
+from remote_hw.protocol.messages import AccessKind, Direction, MsgType, Status
 
 __all__ = ["enabled", "status", "request", "recv_io", "send_feedback"]
 
+_c: types.ModuleType | None
 try:
     from remote_hw.net import _fastio as _c
 except ImportError as e:  # not compiled: the pure-Python path serves
@@ -52,11 +54,11 @@ recv_io: Any = getattr(_c, "recv_io", None)
 send_feedback: Any = getattr(_c, "send_feedback", None)
 
 
-def _mask(values) -> int:
+def _mask(values: Iterable[int]) -> int:
     return sum(1 << int(v) for v in values)
 
 
-def _self_check() -> str:
+def _self_check(_c: types.ModuleType) -> str:
     """Compare the C mirror with the codec on real frames; '' when they agree."""
     # Distinct bytes in every field, so a wrong offset or width cannot go unnoticed.
     io_args = (0x0102030405060708, 0x11223344, 0x55667788, 0x99AABBCCDDEEFF00,
@@ -67,7 +69,7 @@ def _self_check() -> str:
     io_frame = codec.encode_io_request(*io_args)
     fb_frame = codec.encode_feedback(*fb_args)
     # Teach the id cache these ids the way a server learns them: one generic decode.
-    codec.decode_payload(codec.MsgType.IO_REQUEST, io_frame[8:])
+    codec.decode_payload(MsgType.IO_REQUEST, io_frame[8:])
     a, b = socket.socketpair()
     try:
         a.sendall(io_frame)
@@ -112,9 +114,9 @@ def status() -> tuple[bool, str]:
                 elif _c is None:
                     _state = (False, _missing)
                 else:
-                    _c.configure(codec._ID_STR, codec._ID_BYTES, codec._OPT_ID_BYTES,
+                    _c.configure(*codec.id_caches(),
                                  _mask(Status), _mask(AccessKind), _mask(Direction))
-                    why = _self_check()
+                    why = _self_check(_c)
                     _state = (not why, f"disagrees with the codec: {why}" if why else "")
     return _state
 

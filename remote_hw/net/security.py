@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import ssl
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +159,8 @@ def peer_identity(sock: ssl.SSLSocket) -> Identity:
     cert = sock.getpeercert()
     if not cert:
         raise KeyMaterialError("the peer presented no certificate")
-    fields = {k: v for rdn in cert.get("subject", ()) for k, v in rdn}
+    subject: Any = cert.get("subject", ())  # ((("commonName", "x"),), ...)
+    fields = {k: v for rdn in subject for k, v in rdn}
     name = fields.get("commonName", "")
     role = fields.get("organizationalUnitName", "")
     if not name or role not in ROLES:

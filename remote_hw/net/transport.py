@@ -18,6 +18,7 @@ import socket
 import ssl
 import struct
 import threading
+from typing import Callable
 
 from remote_hw.net.security import Identity, KeyMaterialError, peer_identity
 
@@ -39,8 +40,8 @@ class Transport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         self.sock = sock
         # The server's hot path: recv_raw(size) -> bytes, b"" at EOF, None on timeout.
-        self.recv_raw = sock.recv
-        self.send = sock.sendall  # type: ignore[method-assign]  # one call level less
+        self.recv_raw: Callable[[int], bytes | None] = sock.recv
+        self.send = sock.sendall  # type: ignore[method-assign,assignment]  # one call less
         self.fileno = sock.fileno  # type: ignore[method-assign]  # -1 once closed
 
     def send(self, data: bytes) -> None:
@@ -83,13 +84,13 @@ class TlsTransport(Transport):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.identity = peer_identity(sock)
         sock.setblocking(False)
-        self.sock = sock
+        self.sock: ssl.SSLSocket = sock  # narrower than the base
         self.read_slice = read_slice
         self._slice_ms = None if read_slice is None else int(read_slice * 1000)
         self._lock = threading.Lock()
         self._rpoll = select.poll()  # only the one reader thread polls with it
         self._rpoll.register(sock.fileno(), select.POLLIN)
-        self.recv_raw = lambda size: self.recv()
+        self.recv_raw = lambda size: self.recv()  # TLS decides its own record sizes
 
     @classmethod
     def wrap_server(cls, raw: socket.socket, ctx: ssl.SSLContext,

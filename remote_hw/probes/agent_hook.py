@@ -204,28 +204,28 @@ class DisabledProbeSession(ProbeSession):
         self.reason = reason
         self._mine = set()
 
-    def publish_ranges(self, pid, ranges, *, vm_id=0, vcpu_tids=()):  # type: ignore[override]
+    def publish_ranges(self, pid, ranges, *, vm_id=0, vcpu_tids=()):
         return [RangeSpec.of(r) for r in ranges]
 
-    def publish_vm(self, vm, maps, *, vm_id, pid=None):  # type: ignore[override]
+    def publish_vm(self, vm, maps, *, vm_id, pid=None):
         return ranges_of_maps(maps)
 
-    def unpublish(self, pid, vm_id=None):  # type: ignore[override]
+    def unpublish(self, pid, vm_id=None):
         pass
 
-    def counts(self, pid=None, vm_id=None):  # type: ignore[override]
+    def counts(self, pid=None, vm_id=None):
         return []
 
-    def class_totals(self, pid=None, vm_id=None):  # type: ignore[override]
+    def class_totals(self, pid=None, vm_id=None):
         return {name: 0 for name in M.CLASS_NAMES.values()}
 
-    def stall_histograms(self, pid=None, vm_id=None):  # type: ignore[override]
+    def stall_histograms(self, pid=None, vm_id=None):
         return {name: Histogram() for name in M.CLASS_NAMES.values()}
 
-    def report(self, classes=("remote",)):  # type: ignore[override]
+    def report(self, classes=("remote",)):
         return []
 
-    def vm_lines(self):  # type: ignore[override]
+    def vm_lines(self):
         return []
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ Every field is validated before a message object is built.
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import fields
 from operator import attrgetter
@@ -77,12 +78,18 @@ class _Bad(Exception):
 # unsigned integers whose range struct itself enforces.
 
 
+# A field rule: validates a value and returns its canonical form (or raises _Bad).
+_Rule = Callable[[Any], Any]
+# (decode rule, encode rule); None where the field needs no rule that way.
+_RulePair = tuple[_Rule | None, _Rule | None]
+
+
 def _short(value: Any) -> str:
     r = repr(value)
     return r if len(r) <= 80 else r[:77] + "..."
 
 
-def _lookup_rule(table: dict, allowed: str) -> tuple[Callable, Callable]:
+def _lookup_rule(table: dict[Any, Any], allowed: str) -> tuple[_Rule, _Rule]:
     # A dict lookup both validates and converts to the canonical value ``table``
     # maps to; ``allowed`` lists the valid values for the error text.
     def rule(value: Any) -> Any:
@@ -97,14 +104,15 @@ def _lookup_rule(table: dict, allowed: str) -> tuple[Callable, Callable]:
     return rule, rule
 
 
-def _enum_rule(enum_cls: type, only: tuple | None = None) -> tuple[Callable, Callable]:
+def _enum_rule(enum_cls: type[enum.IntEnum],
+               only: tuple[enum.IntEnum, ...] | None = None) -> tuple[_Rule, _Rule]:
     # Converts to the enum member; IntEnum members hash like their int values, so
     # callers may pass plain ints when encoding.
     members = {m.value: m for m in (enum_cls if only is None else only)}
     return _lookup_rule(members, ", ".join(f"{m.value} ({m.name})" for m in members.values()))
 
 
-def _choice_rule(choices: tuple[int, ...]) -> tuple[Callable, Callable]:
+def _choice_rule(choices: tuple[int, ...]) -> tuple[_Rule, _Rule]:
     # Returns the canonical int, so a 4.0 or an IntEnum passed by a caller cannot
     # reach the arithmetic that follows.
     return _lookup_rule({c: c for c in choices}, ", ".join(map(str, choices)))
@@ -148,10 +156,17 @@ _ID_STR: dict[bytes, str] = {}  # valid non-empty id bytes -> str
 _ID_RULE_TEXT = f"must be 1-{MAX_ID_LENGTH} bytes of [A-Za-z0-9._-]"
 
 
-def _remember(cache: dict, key: Any, value: Any) -> None:
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
     if len(cache) >= _CACHE_LIMIT:
         cache.clear()
     cache[key] = value
+
+
+def id_caches() -> tuple[dict[bytes, str], dict[str, bytes], dict[str, bytes]]:
+    """The identifier caches (decode, encode, encode-optional), for a fast path that
+    shares them (remote_hw/net/fastio.py): it may read them and add only ids that
+    passed this module's check, so both sides agree on every id they have seen."""
+    return _ID_STR, _ID_BYTES, _OPT_ID_BYTES
 
 
 def _valid_id_bytes(raw: bytes) -> bool:
@@ -216,7 +231,7 @@ def _text_encode(value: Any) -> bytes:
         raise _Bad(_MALFORMED, f"cannot be encoded as UTF-8 ({e.reason})") from None
 
 
-_RULES: dict[str, tuple[Callable | None, Callable | None]] = {
+_RULES: dict[str, _RulePair] = {
     # major is checked before anything else when decoding (see _version_precheck),
     # because a HELLO of another major version may not even have our layout.
     "major": (None, _major_encode),
@@ -235,7 +250,7 @@ _RULES: dict[str, tuple[Callable | None, Callable | None]] = {
     "text": (_text_decode, _text_encode),
 }
 # Where one message needs a different rule for a shared field name.
-_RULE_OVERRIDES: dict[tuple[MsgType, str], tuple[Callable | None, Callable | None]] = {
+_RULE_OVERRIDES: dict[tuple[MsgType, str], _RulePair] = {
     # ATTACH/DETACH replies carry no value: size 0 (and data 0).
     (MsgType.FEEDBACK, "size"): _choice_rule((0, 1, 2, 4, 8)),
 }
@@ -246,7 +261,7 @@ _INT_LIMITS = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFF_FFFF, "Q": 0xFFFF_FFFF_FFFF_F
 # ------------------------------------------------------------------------------ plans
 
 
-def _fast_constructor(cls: type, names: list[str]) -> Callable[..., Any]:
+def _fast_constructor(cls: type[Message], names: list[str]) -> Callable[..., Message]:
     """Build ``f(*values) -> cls`` that bypasses the frozen dataclass ``__init__``.
 
     A frozen dataclass sets each field through ``object.__setattr__`` by name, which
@@ -260,7 +275,8 @@ def _fast_constructor(cls: type, names: list[str]) -> Callable[..., Any]:
     for i, n in enumerate(names):
         ns[f"_s{i}"] = cls.__dict__[n].__set__
     exec(src, ns)  # noqa: S102 - source built from dataclass field names only
-    return ns["build"]
+    build: Callable[..., Message] = ns["build"]
+    return build
 
 
 class _Plan:
@@ -301,10 +317,11 @@ class _Plan:
                 self.enc_rules.append((i, enc, n))
         both = "size" in self.names and "data" in self.names
         self.size_idx = self.names.index("size") if both else None
-        self.data_idx = self.names.index("data") if both else None
+        self.data_idx = self.names.index("data") if both else -1  # used only with size_idx
         self.rid_idx = self.names.index("request_id") if "request_id" in self.names else None
         self.versioned = self.names[0] == "major"
         self.build = _fast_constructor(spec.cls, self.names)
+        self.get: Callable[[Message], tuple[Any, ...]]
         if len(self.names) == 1:
             only = self.names[0]
             self.get = lambda m: (getattr(m, only),)
@@ -316,13 +333,13 @@ class _Plan:
 
 
 _PLANS: dict[int, _Plan] = {t: _Plan(t, spec) for t, spec in MESSAGES.items()}
-_PLAN_BY_CLASS: dict[type, _Plan] = {p.cls: p for p in _PLANS.values()}
+_PLAN_BY_CLASS: dict[type[Message], _Plan] = {p.cls: p for p in _PLANS.values()}
 
 
 # ----------------------------------------------------------------------------- decode
 
 
-def _fail_decode(plan: _Plan, vals: list, code: ErrorCode, text: str) -> NoReturn:
+def _fail_decode(plan: _Plan, vals: list[Any], code: ErrorCode, text: str) -> NoReturn:
     rid = 0
     if plan.rid_idx is not None and len(vals) > plan.rid_idx:
         rid = vals[plan.rid_idx]
@@ -416,7 +433,7 @@ _STATUSES = {m.value: m for m in Status}
 _FB_SIZES = frozenset((0, 1, 2, 4, 8))
 
 
-def feedback_fields(buf: Any, start: int, end: int) -> tuple | None:
+def feedback_fields(buf: Any, start: int, end: int) -> tuple[int, ...] | None:
     """The fields of a valid FEEDBACK payload as a tuple in wire order, else None.
 
     The hot path of a client: no message object is built. None means "not the common
@@ -446,7 +463,7 @@ _DIRS = {m.value: m for m in Direction}
 _IO_SIZES = frozenset((1, 2, 4, 8))
 
 
-def io_request_fields(buf: Any, start: int, end: int) -> tuple | None:
+def io_request_fields(buf: Any, start: int, end: int) -> tuple[Any, ...] | None:
     """The fields of a valid IO_REQUEST payload as a tuple in wire order, else None.
 
     (request id, vm id, client id, offset, data, kind, size, direction, hops, server
@@ -514,7 +531,7 @@ def decode_feedback(payload: bytes | bytearray | memoryview) -> Feedback:
 # ----------------------------------------------------------------------------- encode
 
 
-def _explain_pack_error(plan: _Plan, vals: list) -> str:
+def _explain_pack_error(plan: _Plan, vals: list[Any]) -> str:
     for name, code, value in zip(plan.names, plan.fmts, vals):
         if not isinstance(value, int):
             return f"{plan.where(name)}: {_short(value)} is not an int"
@@ -623,8 +640,9 @@ def encode_io_request(
     return _encode_generic(
         IoRequest(
             request_id=request_id, vm_id=vm_id, client_id=client_id, offset=offset,
-            data=data, kind=kind, size=size, direction=direction, hops=hops,
-            server_id=server_id, device_id=device_id,
+            # Plain ints are allowed here: the generic encoder validates them by rule.
+            data=data, kind=kind, size=size, direction=direction,  # type: ignore[arg-type]
+            hops=hops, server_id=server_id, device_id=device_id,
         )
     )
 
@@ -655,7 +673,8 @@ def encode_feedback(
         pass
     return _encode_generic(
         Feedback(
-            request_id=request_id, vm_id=vm_id, client_id=client_id, status=status,
+            request_id=request_id, vm_id=vm_id, client_id=client_id,
+            status=status,  # type: ignore[arg-type]  # a plain int: validated by its rule
             size=size, data=data,
         )
     )

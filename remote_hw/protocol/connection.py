@@ -27,7 +27,7 @@ Typical server loop::
 from __future__ import annotations
 
 import enum
-from typing import Final
+from typing import Any, Callable, Final
 
 from .codec import (DECODERS, MSG_NAMES, encode, encode_feedback, encode_io_request,
                     feedback_fields, io_request_fields)
@@ -126,7 +126,7 @@ _ALLOWED: dict[tuple[str, State], tuple[frozenset[int], frozenset[int]]] = {
 }
 _NOTHING: frozenset[int] = frozenset()
 #: message types that need a negotiated feature bit
-_NEEDS_FEATURE = {_T.EVENT: FEATURE_EVENTS}
+_NEEDS_FEATURE: dict[int, int] = {_T.EVENT: FEATURE_EVENTS}
 
 _HANDSHAKE = frozenset({_T.HELLO, _T.WELCOME})
 _IO_REQUEST = int(_T.IO_REQUEST)
@@ -377,11 +377,11 @@ class Connection:
             if have == 0:
                 self._set_state(State.CLOSED)
                 return CLOSED
-            exc = RemoteProtocolError(
+            eof = RemoteProtocolError(
                 ErrorCode.MALFORMED, "connection closed in the middle of a frame"
             )
-            self._fail(exc)
-            raise exc
+            self._fail(eof)
+            raise eof
         return NEED_DATA
 
     # Hot-path variants of next_event.  They consume the next frame only when it is a
@@ -396,15 +396,17 @@ class Connection:
         or CLOSED after EOF)."""
         return len(self._buf) - self._off
 
-    def next_io_request(self) -> tuple | None:
+    def next_io_request(self) -> tuple[Any, ...] | None:
         """The next frame's fields if it is an IO_REQUEST (see io_request_fields)."""
         return self._next_fields(_IO_REQUEST, io_request_fields)
 
-    def next_feedback(self) -> tuple | None:
+    def next_feedback(self) -> tuple[Any, ...] | None:
         """The next frame's fields if it is a FEEDBACK (see feedback_fields)."""
         return self._next_fields(_FEEDBACK, feedback_fields)
 
-    def _next_fields(self, want: int, fields) -> tuple | None:
+    def _next_fields(self, want: int,
+                     fields: Callable[[Any, int, int], tuple[Any, ...] | None]
+                     ) -> tuple[Any, ...] | None:
         buf = self._buf
         off = self._off
         if len(buf) - off < HEADER_SIZE or self._error is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, fields
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar, dataclass_transform
 
 # --------------------------------------------------------------------------- constants
 
@@ -138,11 +138,20 @@ class Message:
 
     __slots__ = ()
     MSG_TYPE: ClassVar[MsgType]
+    # Declared so that type checkers see every message as a dataclass (``fields()``).
+    __dataclass_fields__: ClassVar[dict[str, Any]]
 
 
 # All messages are keyword-only: several have ten-odd integer fields, and positional
 # construction would make swapping two of them silent.  Field order is wire order.
-_message = dataclass(frozen=True, slots=True, kw_only=True)
+# ``dataclass_transform`` tells type checkers this decorator makes dataclasses (a bare
+# alias of ``dataclass(...)`` is opaque to them).
+_M = TypeVar("_M", bound="Message")
+
+
+@dataclass_transform(frozen_default=True, kw_only_default=True)
+def _message(cls: type[_M]) -> type[_M]:
+    return dataclass(frozen=True, slots=True, kw_only=True)(cls)
 
 
 @_message
@@ -293,7 +302,7 @@ class Event(Message):
 class MessageSpec(NamedTuple):
     """How one message type is laid out on the wire."""
 
-    cls: type
+    cls: type[Message]
     #: the fixed part: non-string fields in order, then one length per string
     fixed: struct.Struct
     #: names of the trailing variable-length strings, in wire order
@@ -319,7 +328,7 @@ MESSAGES: dict[MsgType, MessageSpec] = {
 }
 
 #: class -> message type (the inverse of the table, for encoding)
-TYPE_OF: dict[type, MsgType] = {spec.cls: t for t, spec in MESSAGES.items()}
+TYPE_OF: dict[type[Message], MsgType] = {spec.cls: t for t, spec in MESSAGES.items()}
 
 
 def _check_table() -> None:

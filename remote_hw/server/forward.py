@@ -164,7 +164,7 @@ class Forwarder:
         """Release forwarded sessions of a client (all its VMs when vm_id is None)."""
         keys = [k for k in list(self.routes)
                 if k[0] == client_id and (vm_id is None or k[1] == vm_id)]
-        done: set[tuple[int, str]] = set()
+        done: set[tuple[int, str | None]] = set()
         for key in keys:
             target = self.routes.pop(key, None)
             link = self._attached_on.pop(key, None)

@@ -22,7 +22,7 @@ import logging
 import socket
 import ssl
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from remote_hw.net import fastio
 from remote_hw.protocol import CLOSED, NEED_DATA, Connection, ProtocolError, Role
@@ -262,7 +262,8 @@ class ClientSession:
     def _local(self, rid: int, vm_id: int, client_id: int, device: str, offset: int,
                size: int, direction: int, data: int) -> None:
         """One access to a device held here, for ``client_id``; sends the feedback."""
-        self._batch = batch = []
+        batch: list[bytes] = []
+        self._batch = batch
         status, value = self._access(client_id, vm_id, device, offset, size, direction,
                                      data)
         self._batch = None
@@ -334,7 +335,7 @@ class ClientSession:
                     err.code, err.text)
 
     # A table, not an if-chain: message class -> handler.
-    _handlers: dict[type, Callable[["ClientSession", object], None]] = {
+    _handlers: dict[type, Callable[["ClientSession", Any], None]] = {
         m.Hello: _on_hello, m.IoRequest: _on_io, m.Attach: _on_attach,
         m.Detach: _on_detach, m.Ping: _on_ping, m.Pong: _on_pong, m.Error: _on_error,
     }

@@ -319,7 +319,7 @@ def ioctl_struct(fd: int, request: int, obj) -> int:
 
 
 def regs_dict(regs: KvmRegs) -> dict[str, int]:
-    return {name: getattr(regs, name) for name, _ in KvmRegs._fields_}
+    return {f[0]: getattr(regs, f[0]) for f in KvmRegs._fields_}
 
 
 def format_regs(regs: KvmRegs, sregs: KvmSregs | None = None) -> str:

@@ -131,8 +131,8 @@ KICKER = Kicker()
 
 # ----------------------------------------------------------------------- the vCPU
 
-_PACK = [None] * 9
-_UNPACK = [None] * 9
+_PACK: list[Any] = [None] * 9
+_UNPACK: list[Any] = [None] * 9
 for _size, _fmt in ((1, "<B"), (2, "<H"), (4, "<I"), (8, "<Q")):
     _PACK[_size] = struct.Struct(_fmt).pack_into
     _UNPACK[_size] = struct.Struct(_fmt).unpack_from
@@ -287,6 +287,8 @@ class VcpuThread:
     def call(self, fn: Callable[[Vcpu], Any]) -> Any:
         """Run ``fn(vcpu)`` in the vCPU thread and return its result."""
         if threading.get_ident() == self._ident:
+            if self.vcpu is None:
+                raise RuntimeError("the vCPU thread has ended")
             return fn(self.vcpu)
         return self.submit(fn).result()
 

@@ -72,9 +72,11 @@ class Vm:
         self.resets = 0
         self.image: BootImage | None = None
         self.vm_fd = -1
-        self.memory: GuestRam | None = None
-        self.irqchip: IrqChip | None = None
-        self._vt: VcpuThread | None = None
+        # memory, irqchip and _vt exist once __init__ succeeds; close() copes with a
+        # constructor that failed half-way (it finds only what was made).
+        self.memory: GuestRam
+        self.irqchip: IrqChip
+        self._vt: VcpuThread
         self._run_lock = threading.Lock()
         self._pending_reset: str | None = None      # "exit" / "restart" once requested
         self._closed = False
@@ -109,7 +111,8 @@ class Vm:
 
     @property
     def running(self) -> bool:
-        return self._vt is not None and self._vt.running
+        vt = getattr(self, "_vt", None)
+        return vt is not None and vt.running
 
     @property
     def reset_requested(self) -> bool:
@@ -184,8 +187,7 @@ class Vm:
 
         A stop issued while the VM is not running makes the next ``run`` return at once.
         """
-        if self._vt is not None:
-            self._vt.stop(status)
+        self._vt.stop(status)
 
     def request_reset(self) -> None:
         """Ask for a reset (any thread): with ``reset_action="exit"`` ``run`` returns
@@ -241,16 +243,19 @@ class Vm:
         if self._closed:
             return
         self._closed = True
-        if self._vt is not None:
-            self._vt.stop(STATUS_STOPPED)
-            self._vt.close()
-        if getattr(self, "irqchip", None) is not None:
-            self.irqchip.close()
+        vt = getattr(self, "_vt", None)
+        if vt is not None:
+            vt.stop(STATUS_STOPPED)
+            vt.close()
+        irqchip = getattr(self, "irqchip", None)
+        if irqchip is not None:
+            irqchip.close()
         if self.vm_fd >= 0:
             os.close(self.vm_fd)
             self.vm_fd = -1
-        if self.memory is not None:
-            self.memory.close()
+        memory = getattr(self, "memory", None)
+        if memory is not None:
+            memory.close()
 
     def __enter__(self) -> "Vm":
         return self

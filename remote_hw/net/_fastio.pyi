@@ -1,0 +1,13 @@
+# Type stub of the C extension remote_hw/net/_fastio.c (see its docstrings).
+import threading
+from typing import Any
+
+def configure(id_str: dict[bytes, str], id_bytes: dict[str, bytes],
+              opt_id_bytes: dict[str, bytes], statuses: int, kinds: int,
+              directions: int, /) -> None: ...
+def request(fd: int, wlock: threading.Lock, request_id: int, vm_id: int, client_id: int,
+            offset: int, data: int, kind: int, size: int, direction: int, hops: int,
+            server_id: str, device_id: str, /) -> tuple[int, int] | bytes | None | Any: ...
+def recv_io(fd: int, /) -> tuple[Any, ...] | bytes | None: ...
+def send_feedback(fd: int, request_id: int, vm_id: int, client_id: int, status: int,
+                  size: int, data: int, /) -> bool: ...

@@ -1,5 +1,5 @@
 # The two commands a newcomer needs; both run the idempotent install first.
-.PHONY: install demo test bench fresh-check
+.PHONY: install demo test lint typecheck check bench fresh-check
 
 install:
 	@bash scripts/install.sh
@@ -9,6 +9,16 @@ demo: install
 
 test: install
 	.venv/bin/python -m pytest -rs
+
+# The house's habits, run by CI after the tests (config in pyproject.toml).
+lint: install
+	.venv/bin/ruff check remote_hw tests bench scripts samples
+
+typecheck: install
+	.venv/bin/mypy
+
+# Everything CI runs.
+check: test lint typecheck
 
 bench: install
 	.venv/bin/python bench/roundtrip.py

@@ -42,11 +42,12 @@ ADDR = {"client": f"{NET}.10", "a": f"{NET}.11", "b": f"{NET}.12"}
 
 def measure(address: str, count: int, tls_dir: str | None) -> dict:
     """Run in the client namespace: one figure, as JSON on stdout."""
-    from remote_hw.client.agent import RemoteDevice
-    from remote_hw.net.link import ServerLink
-    from remote_hw.config import parse_map
-    from remote_hw.net.security import TlsConfig
     import roundtrip as rt
+
+    from remote_hw.client.agent import RemoteDevice
+    from remote_hw.config import parse_map
+    from remote_hw.net.link import ServerLink
+    from remote_hw.net.security import TlsConfig
     host, port = address.rsplit(":", 1)
     tls = TlsConfig(Path(tls_dir), "bench") if tls_dir else None
     link = ServerLink("x", (host, int(port)), client_name="bench", tls=tls).connect()

@@ -41,7 +41,7 @@ from remote_hw.config import DeviceSpec, MapSpec, VmConfig  # noqa: E402
 from remote_hw.probes.agent_hook import ProbeSession  # noqa: E402
 from remote_hw.probes.loader import ProbeUnavailable  # noqa: E402
 from remote_hw.server.controller import Controller  # noqa: E402
-from remote_hw.server.net import Server  # noqa: E402
+from remote_hw.server.listener import Server  # noqa: E402
 
 IOLOOP = REPO / "guests" / "build" / "ioloop.bin"
 

@@ -41,12 +41,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from remote_hw.net import fastio  # noqa: E402
 from remote_hw.client.agent import RemoteDevice  # noqa: E402
-from remote_hw.net.link import ServerLink  # noqa: E402
 from remote_hw.client.vmm import Vm  # noqa: E402
 from remote_hw.config import parse_map  # noqa: E402
 from remote_hw.guest_images import guest_image  # noqa: E402
+from remote_hw.net import fastio  # noqa: E402
+from remote_hw.net.link import ServerLink  # noqa: E402
 from remote_hw.protocol import codec  # noqa: E402
 
 PORT = 0x3FF  # COM1 scratch register: a read with no side effects

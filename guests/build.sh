@@ -34,6 +34,8 @@ raw ioloop
 raw kbd
 raw reset
 raw ticker
+raw scratch
+raw mouse
 elf hello32 32
 elf hello64 64
 elf mmio64 64

@@ -11,11 +11,20 @@ import logging
 import signal
 import sys
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from remote_hw import __version__
-from remote_hw.config import (ConfigError, parse_address, parse_allow, parse_device,
-                              parse_map, parse_pair, parse_server, parse_size)
+from remote_hw.config import (
+    ConfigError,
+    parse_address,
+    parse_allow,
+    parse_device,
+    parse_device_ref,
+    parse_map,
+    parse_pair,
+    parse_server,
+    parse_size,
+)
 
 
 def _typed(fn: Callable[[str], object]) -> Callable[[str], object]:
@@ -102,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or rtc0=cmos-rtc; repeat for more")
     s.add_argument("--trace", action="store_true",
                    help="print every register access on stdout")
+    s.add_argument("--list-devices", action="store_true",
+                   help="list the device kinds installed (built-in and plugins), then exit")
+    s.add_argument("--list-backends", action="store_true",
+                   help="list the backends installed (built-in and plugins), then exit")
     s.add_argument("--peer", type=_typed(parse_server), action="append", default=[],
                    metavar="ID=HOST:PORT",
                    help="another server of the platform (static directory); repeat")
@@ -169,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                    action="append", default=[], metavar="SERVER=ENTRY",
                    help="reach SERVER's devices through the --server ENTRY (requests name "
                         "SERVER; the entry forwards); repeat")
+    v.add_argument("--uinput", type=_typed(parse_device_ref), action="append", default=[],
+                   metavar="SERVER/DEVICE",
+                   help="type the keys of a mapped keyboard device (i8042) on this host too, "
+                        "through a virtual keyboard (needs /dev/uinput); repeat")
     tls(v, "client")
     common(v)
 
@@ -214,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from remote_hw.probes.cli import add_parsers as add_probe_parsers
     add_probe_parsers(sub)  # trace, top (they add their own --log-level)
+    from remote_hw.bridge.command import add_parser as add_bridge_parser
+    add_bridge_parser(sub)  # bridge (docs/bridge.md; adds its own --log-level)
     return p
 
 

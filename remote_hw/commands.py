@@ -6,19 +6,27 @@ import argparse
 import logging
 import sys
 import threading
-
-from remote_hw.cli import wait_for_signal
-from remote_hw.client.agent import Agent
-from remote_hw.net.link import LinkError
-from remote_hw.client.vmm.vm import STATUS_RESET, STATUS_STOPPED
 from pathlib import Path
 
-from remote_hw.config import ConfigError, DeviceSpec, VmConfig, load_agent_config, parse_map
-from remote_hw.net.security import KeyMaterialError, TlsConfig
-from remote_hw.server.directory import DirectoryError
-from remote_hw.server.fusefs import FuseError, FuseView, default_mountpoint
+from remote_hw.backends.base import BackendUnavailable
+from remote_hw.cli import wait_for_signal
+from remote_hw.client.agent import Agent
+from remote_hw.client.vmm.vm import STATUS_RESET, STATUS_STOPPED
+from remote_hw.config import (
+    ConfigError,
+    DeviceSpec,
+    VmConfig,
+    check_mapped,
+    load_agent_config,
+    parse_map,
+)
 from remote_hw.guest_images import GuestBuildError, guest_image
+from remote_hw.input.uinput import UinputUnavailable
+from remote_hw.net.link import LinkError
+from remote_hw.net.security import KeyMaterialError, TlsConfig
 from remote_hw.protocol.messages import Direction
+from remote_hw.server.directory import DirectoryError
+from remote_hw.server.fuse import FuseError, FuseView, default_mountpoint
 
 log = logging.getLogger("remote_hw")
 
@@ -47,7 +55,7 @@ def _trace_printer(out=sys.stdout):
 def _start_server(listen: tuple[str, int], server_id: str, devices: list[DeviceSpec],
                   trace: bool, **kw):
     from remote_hw.server.controller import Controller
-    from remote_hw.server.net import Server
+    from remote_hw.server.listener import Server
     controller = Controller(server_id, devices)
     if trace:
         controller.access_hook = _trace_printer()
@@ -65,13 +73,16 @@ def _tls(args: argparse.Namespace, default_name: str) -> TlsConfig | None:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    if args.list_devices or args.list_backends:
+        from remote_hw.plugin_listing import list_plugins
+        return list_plugins(args.list_devices, args.list_backends)
     from remote_hw.server.directory import EtcdDirectory, LayeredDirectory, StaticDirectory
     if not args.device:
         log.warning("no --device given: this server holds no software devices")
     try:
         tls = _tls(args, args.server_id)
         static = StaticDirectory(dict(args.peer), dict(args.route))
-        for device, server in args.route:
+        for _device, server in args.route:
             if server not in static.servers:
                 raise ConfigError(f"argument --route: server {server!r} has no --peer address")
         dynamic = EtcdDirectory(args.directory, ttl=args.lease) if args.directory else None
@@ -80,6 +91,8 @@ def cmd_server(args: argparse.Namespace) -> int:
                                acl=dict(args.allow))
     except (ConfigError, KeyMaterialError) as e:
         return _usage_error("server", str(e))
+    except BackendUnavailable as e:  # the machine lacks a device (evdev): not a usage error
+        return _fail("server", str(e))
     except ValueError as e:
         return _usage_error("server", str(e))
     except OSError as e:
@@ -128,14 +141,14 @@ def _mount_view(controller, args: argparse.Namespace):
 
 def cmd_export(args: argparse.Namespace) -> int:
     from remote_hw.backends.base import BackendError
-    from remote_hw.backends.tty import (TtyBackend, export_settings, resolve_devnode,
-                                        udev_properties)
+    from remote_hw.backends.tty import TtyBackend, export_settings, resolve_devnode, udev_properties
     try:
         devnode = resolve_devnode(args.name)
         settings = export_settings(devnode, properties=udev_properties(devnode),
                                    device_id=args.device_id, server_id=args.server_id,
                                    listen=args.listen, baud=args.baud)
-        TtyBackend(settings.device.backend[len("tty:"):], settings.device.id).close()
+        backend = settings.device.backend or ""  # export_settings always names a tty: one
+        TtyBackend(backend[len("tty:"):], settings.device.id).close()
     except LookupError as e:
         return _fail("export", str(e))
     except BackendError as e:
@@ -209,7 +222,7 @@ def exit_code(status: int | None, crashed: bool = False) -> int:
 def cmd_vm(args: argparse.Namespace) -> int:
     servers = dict(args.server)
     vias = dict(args.via)
-    for name, entry in vias.items():
+    for entry in vias.values():
         if entry not in servers:
             return _usage_error("vm", f"argument --via: entry {entry!r} is not given with "
                                       "--server NAME=HOST:PORT")
@@ -218,6 +231,10 @@ def cmd_vm(args: argparse.Namespace) -> int:
             return _usage_error("vm", f"argument --map: server {spec.server!r} is not given "
                                       "with --server NAME=HOST:PORT (or --via)")
     try:
+        uinput = [check_mapped(ref, args.map) for ref in args.uinput]
+    except ConfigError as e:
+        return _usage_error("vm", f"argument --uinput: {e}")
+    try:
         tls = _tls(args, "client")
     except (ConfigError, KeyMaterialError) as e:
         return _usage_error("vm", str(e))
@@ -225,7 +242,9 @@ def cmd_vm(args: argparse.Namespace) -> int:
                   client_name=tls.name if tls else f"vm{args.vm_id}", vias=vias, tls=tls)
     try:
         agent.add_vm(VmConfig(args.vm_id, args.image, args.memory, list(args.map),
-                              args.on_reset))
+                              args.on_reset, uinput))
+    except UinputUnavailable as e:  # the host lacks /dev/uinput: not a usage error
+        return _fail("vm", f"--uinput {e}")
     except (OSError, ValueError) as e:
         return _usage_error("vm", f"argument --image: {e}")
     return _run_agent(agent, "vm")
@@ -249,6 +268,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     try:
         for vm in config.vms:
             agent.add_vm(vm)
+    except UinputUnavailable as e:  # the host lacks /dev/uinput: not a usage error
+        agent.stop()
+        return _fail("agent", f"{args.config}: vm {vm.vm_id}: uinput {e}")
     except (OSError, ValueError) as e:
         agent.stop()
         return _usage_error("agent", f"argument --config: {e}")
@@ -278,7 +300,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         server.stop()
         return _fail("demo", str(e))
     uart = next(i for i in server.controller.instances() if i.spec.id == "uart0")
-    uart_host, uart_port = uart.backend.address  # type: ignore[union-attr]
+    uart_host, uart_port = uart.backend.address
     print(f"remote-hw demo: server a on {server.address[0]}:{server.address[1]}, "
           f"VM 1 runs {image}", flush=True)
     print(f"remote-hw demo: the guest's serial port (COM1) is at tcp {uart_host}:{uart_port}",

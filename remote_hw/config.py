@@ -11,7 +11,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 _IDENT = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -97,29 +97,39 @@ def parse_device(text: str) -> DeviceSpec:
 
 @dataclass(frozen=True)
 class MapSpec:
-    """A guest address range sent to a server's device: ``port:0x3f8-0x3ff=a/uart0,irq=4``."""
+    """A guest address range sent to a server's device: ``port:0x3f8-0x3ff=a/uart0,irq=4``.
+
+    ``irqs[n]`` is the guest IRQ that the device's interrupt line ``n`` drives (the
+    ``line`` field of the wire's INTERRUPT): ``irq=1:12`` gives the i8042's keyboard
+    line IRQ 1 and its mouse line IRQ 12. A line with no IRQ here is not delivered.
+    """
 
     kind: str  # "port" or "mmio"
     start: int
     end: int  # inclusive
     server: str
     device: str
-    irq: int | None = None
+    irqs: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
         return self.end - self.start + 1
+
+    @property
+    def irq(self) -> int | None:
+        """The guest IRQ of the device's first line, if it has one."""
+        return self.irqs[0] if self.irqs else None
 
 
 _MAP_LIMITS = {"port": 0xFFFF, "mmio": (1 << 64) - 1}
 
 
 def parse_map(text: str) -> MapSpec:
-    """Parse ``port:START-END=SERVER/DEVICE[,irq=N]`` or the ``mmio:`` form."""
+    """Parse ``port:START-END=SERVER/DEVICE[,irq=N[:M...]]`` or the ``mmio:`` form."""
     m = re.fullmatch(r"(port|mmio):([^-=]+)-([^=]+)=([^/,]+)/([^,]+)((?:,[^,]+)*)", text)
     if not m:
-        raise ConfigError(f"{text!r} must be port:START-END=SERVER/DEVICE[,irq=N] "
-                          "or mmio:START-END=SERVER/DEVICE[,irq=N]")
+        raise ConfigError(f"{text!r} must be port:START-END=SERVER/DEVICE[,irq=N[:M...]] "
+                          "or mmio:START-END=SERVER/DEVICE[,irq=N[:M...]]")
     kind = m.group(1)
     start = parse_int(m.group(2), "range start")
     end = parse_int(m.group(3), "range end")
@@ -127,15 +137,46 @@ def parse_map(text: str) -> MapSpec:
         raise ConfigError(f"{text!r}: range {start:#x}-{end:#x} is empty or outside {kind} space")
     server = check_ident(m.group(4), "server id")
     device = check_ident(m.group(5), "device id")
-    irq = None
+    irqs: tuple[int, ...] = ()
     for p in filter(None, m.group(6).split(",")):
         key, _, value = p.partition("=")
         if key != "irq":
-            raise ConfigError(f"{text!r}: unknown option {key!r} (only irq=N)")
-        irq = parse_int(value, "irq")
-        if not 0 <= irq <= 23:
-            raise ConfigError(f"{text!r}: irq {irq} is outside 0-23 (the IOAPIC's pins)")
-    return MapSpec(kind, start, end, server, device, irq)
+            raise ConfigError(f"{text!r}: unknown option {key!r} (only irq=N[:M...])")
+        # One guest IRQ per device line, in line order (line 0 first).
+        irqs = tuple(parse_int(v, "irq") for v in value.split(":"))
+        for irq in irqs:
+            if not 0 <= irq <= 23:
+                raise ConfigError(f"{text!r}: irq {irq} is outside 0-23 (the IOAPIC's pins)")
+        if len(set(irqs)) != len(irqs):
+            raise ConfigError(f"{text!r}: two lines of one device on the same irq")
+    return MapSpec(kind, start, end, server, device, irqs)
+
+
+class DeviceRef(NamedTuple):
+    """A device of a server as a client names it: ``SERVER/DEVICE`` (``a/kbd0``)."""
+
+    server: str
+    device: str
+
+    def __str__(self) -> str:
+        return f"{self.server}/{self.device}"
+
+
+def parse_device_ref(text: str) -> DeviceRef:
+    """Parse ``SERVER/DEVICE``, the right-hand side of a ``--map`` (``--uinput a/kbd0``)."""
+    server, sep, device = text.partition("/")
+    if not sep:
+        raise ConfigError(f"{text!r} must be SERVER/DEVICE (e.g. a/kbd0)")
+    return DeviceRef(check_ident(server, "server id"), check_ident(device, "device id"))
+
+
+def check_mapped(ref: DeviceRef, maps: list[MapSpec]) -> DeviceRef:
+    """``ref`` if one of ``maps`` sends a range to it: a device's events reach a VM only
+    through a session, and a VM holds a session only with the devices it maps."""
+    if not any(m.server == ref.server and m.device == ref.device for m in maps):
+        raise ConfigError(f"{ref} is not mapped by this VM (map a range to it, e.g. "
+                          f"port:0x60-0x64={ref},irq=1)")
+    return ref
 
 
 def parse_server(text: str) -> tuple[str, tuple[str, int]]:
@@ -155,6 +196,8 @@ class VmConfig:
     memory: int = 2 << 20
     maps: list[MapSpec] = field(default_factory=list)
     on_reset: str = "stop"  # what an i8042 reset request does: "stop" or "restart"
+    # mapped keyboards whose key events a virtual keyboard re-emits on this host
+    uinput: list[DeviceRef] = field(default_factory=list)
 
 
 @dataclass
@@ -185,7 +228,7 @@ def parse_allow(text: str) -> tuple[str, set[str]]:
 
 
 def _vm_from_table(t: dict[str, Any], where: str, base: Path) -> VmConfig:
-    known = {"id", "image", "memory", "map", "on_reset"}
+    known = {"id", "image", "memory", "map", "on_reset", "uinput"}
     extra = set(t) - known
     if extra:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
@@ -206,8 +249,17 @@ def _vm_from_table(t: dict[str, Any], where: str, base: Path) -> VmConfig:
     on_reset = t.get("on_reset", "stop")
     if on_reset not in ("stop", "restart"):
         raise ConfigError(f"{where}: on_reset must be 'stop' or 'restart'")
+    uinput = t.get("uinput", [])
+    if not isinstance(uinput, list) or not all(isinstance(u, str) for u in uinput):
+        raise ConfigError(f"{where}: uinput must be a list of \"SERVER/DEVICE\" strings")
+    refs = []
+    for u in uinput:
+        try:
+            refs.append(check_mapped(parse_device_ref(u), maps))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: uinput: {e}") from None
     return VmConfig(vm_id, str(image), parse_size(t.get("memory", "2M"), f"{where}: memory"),
-                    maps, on_reset)
+                    maps, on_reset, refs)
 
 
 def load_agent_config(path: str | Path) -> AgentConfig:

@@ -33,6 +33,7 @@ fi
 # bcc and kernel headers for the eBPF probes (docs/ebpf.md); never fails the set-up:
 # without them only the probe commands are unavailable, and they say why.
 bash scripts/install_bpf.sh
+bash scripts/install_qemu.sh  # QEMU >= 10.1 (vfio-user-pci) in a trixie chroot, for `remote-hw bridge` (docs/bridge.md)
 
 # The project's Python environment. The stamp records the hash of pyproject.toml,
 # setup.py and the C source, so a dependency change reinstalls, a changed extension is

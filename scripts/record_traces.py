@@ -42,8 +42,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -95,7 +95,7 @@ def _elf_has_interp(elf: bytes) -> bool:
 
 def build_initramfs(busybox: Path, init: Path, dest: Path) -> None:
     bb = busybox.read_bytes()
-    if b"\x7fELF" != bb[:4]:
+    if bb[:4] != b"\x7fELF":
         raise SystemExit(f"{busybox} is not an ELF binary")
     if _elf_has_interp(bb):
         raise SystemExit(f"{busybox} is dynamically linked; install busybox-static")
@@ -364,7 +364,21 @@ def record(workdir: Path, kernel: Path, busybox: Path, com2: bool, timeout: floa
 # --------------------------------------------------------------------------------------
 # conversion of QEMU's log into per-device traces
 
+# QEMU's "log" trace backend writes one line per event, "NAME ARGS". Only under
+# "-msg timestamp=on" does QEMU 7.2 (Debian 12's, the oracle here) put
+# "<thread id>@<seconds>.<microseconds>:" in front (scripts/tracetool/backend/log.py);
+# QEMU's 2025 rework of log timestamps (for 10.1) writes an ISO date there instead, with
+# no thread id. (The "simple" backend writes a binary file, not this text.) So QEMU's
+# trace format does allow lines without the prefix, but the conversion cannot use them:
+# the thread id is what tells the vCPU's register accesses from the main loop's host
+# input (typed bytes, key events), and the clock is what places the bytes the recorder
+# typed. Guessing would write traces that look right and are wrong, so a trace event
+# without the prefix stops the conversion (LogError, naming the line); the recorder
+# always passes "-msg timestamp=on".
 LINE_RE = re.compile(r"(\d+)@(\d+)\.(\d+):(\w+) ?(.*)")
+# a trace event the converter reads, wherever it stands in a line (any other prefix)
+BARE_EVENT_RE = re.compile(r"(?:^|\s)(memory_region_ops_(?:read|write)|x86_gsi_interrupt|"
+                           r"serial_\w+|pckbd_kbd_\w+|ps2_\w+) ")
 MR_RE = re.compile(r"cpu -?\d+ mr 0x[0-9a-f]+ addr 0x([0-9a-f]+) value 0x([0-9a-f]+) "
                    r"size (\d+) name '([^']*)'")
 GSI_RE = re.compile(r"GSI interrupt #(\d+) level:(\d+)")
@@ -617,7 +631,8 @@ class UartConverter(DevConverter):
     def finish(self) -> None:
         super().finish()
         if self.next_sent != len(self.sent):
-            self.stats.add(f"{self.spec.name} typed bytes not seen", len(self.sent) - self.next_sent)
+            self.stats.add(f"{self.spec.name} typed bytes not seen",
+                           len(self.sent) - self.next_sent)
 
 
 class KbdConverter(DevConverter):
@@ -679,11 +694,24 @@ class KbdConverter(DevConverter):
             self.last_main_kind = ev.kind
 
 
+class LogError(Exception):
+    """QEMU's log cannot be converted into traces; ``str()`` is one sentence saying why."""
+
+
 def parse_log(path: Path, main_tid: int) -> Iterable[Ev]:
-    with open(path, "r", errors="replace") as f:
+    """The events of QEMU's log, in order; LogError at a trace event line that lacks the
+    ``<thread id>@<time>:`` prefix (see LINE_RE)."""
+    with open(path, errors="replace") as f:
         for ln, line in enumerate(f, 1):
             m = LINE_RE.match(line)
             if not m:
+                bare = BARE_EVENT_RE.search(line)
+                if bare:
+                    raise LogError(
+                        f"line {ln} of {path} is a QEMU trace event ({bare[1]}) without "
+                        "the '<thread id>@<seconds>.<us>:' prefix that QEMU 7.2 writes "
+                        "under -msg timestamp=on, and without the thread id the "
+                        "vCPU's register accesses cannot be told from host input")
                 continue
             tid, sec, usec, name, rest = m.groups()
             main = int(tid) == main_tid
@@ -743,7 +771,13 @@ def convert(rec: Recording) -> tuple[dict[str, DevConverter], Stats]:
     kbd = convs[-1][1]
     read_trace_ev: Ev | None = None         # serial_read/pckbd_kbd_read_* waiting for its mr line
     write_acc: tuple[DevSpec, Ev] | None = None  # mr write waiting for its serial_/pckbd_ line
+    if not rec.log.is_file():
+        raise LogError(f"QEMU's log {rec.log} does not exist")
     evs = list(parse_log(rec.log, rec.qemu_pid))
+    if not evs:
+        raise LogError(f"{rec.log} holds none of the QEMU trace events the converter "
+                       "reads (memory_region_ops_*, x86_gsi_interrupt, serial_*, "
+                       "pckbd_kbd_*, ps2_*), so there is nothing to convert")
     fwcfg = [i for i, ev in enumerate(evs)
              if ev.kind == "acc" and not ev.main and ev.text.startswith("fwcfg")]
     last_fwcfg = fwcfg[-1] if fwcfg else -1
@@ -814,6 +848,16 @@ send-key h, i, ret (read by the guest from /dev/tty1); send-key caps_lock twice 
 host types "go\\r"; reboot -f with reboot=k: i8042 0xFE pulse reset, QEMU -no-reboot exits"""
 
 
+def check_not_empty(specs: list[DevSpec], convs: dict[str, DevConverter], log: Path) -> None:
+    """LogError if a device got no record: its trace would be empty, which says nothing
+    about the device and would pass for a recording where nobody touched it."""
+    for spec in specs:
+        if not any(isinstance(r, TraceRecord) for r in convs[spec.name].out):
+            ports = ",".join(f"{p:#x}" for p in sorted(spec.regions))
+            raise LogError(f"{log} has no access to {spec.name} (ports {ports}), so its "
+                           "trace would be empty")
+
+
 def header(spec: DevSpec, conv: DevConverter, rec: Recording) -> dict[str, str]:
     counts: dict[str, int] = {}
     for r in conv.out:
@@ -824,7 +868,8 @@ def header(spec: DevSpec, conv: DevConverter, rec: Recording) -> dict[str, str]:
     return {
         "device": f"{spec.name} {spec.kind} base={spec.base:#x} {irqs} ({spec.describe})",
         "ports": f"{ports} (offsets are relative to base)",
-        "source": f"{rec.qemu_version}, TCG, -machine pc -nodefaults -vga none -no-reboot, -chardev pipe for the UARTs",
+        "source": (f"{rec.qemu_version}, TCG, -machine pc -nodefaults -vga none -no-reboot, "
+                   "-chardev pipe for the UARTs"),
         "guest": f"Linux {rec.kernel.removeprefix('vmlinuz-')} (Debian linux-image-amd64), "
                  "busybox-static initramfs",
         "cmdline": KERNEL_CMDLINE,
@@ -855,7 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
 
-    if shutil.which(QEMU) is None:
+    # only recording runs QEMU: --convert-only works where it is not installed
+    if not args.convert_only and shutil.which(QEMU) is None:
         raise SystemExit(f"{QEMU} not found: apt-get install qemu-system-x86")
     tmp = None
     if args.workdir is None:
@@ -869,6 +915,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = workdir / "recording.json"
         if args.convert_only:
+            if not meta.is_file():
+                raise SystemExit(f"--convert-only needs {meta}, which a recording with "
+                                 "--workdir leaves, and it is missing")
             d = json.loads(meta.read_text())
             d["log"] = Path(d["log"])
             rec = Recording(**d)
@@ -879,9 +928,13 @@ def main(argv: list[str] | None = None) -> int:
             meta.write_text(json.dumps({**dataclasses.asdict(rec), "log": str(rec.log)}))
             print(f"QEMU ran {rec.seconds:.1f} s, log {rec.log.stat().st_size / 1e6:.1f} MB",
                   file=sys.stderr)
-        convs, stats = convert(rec)
-        args.out.mkdir(parents=True, exist_ok=True)
         specs = (UARTS if rec.com2 else UARTS[:1]) + [KBD]
+        try:
+            convs, stats = convert(rec)
+            check_not_empty(specs, convs, rec.log)
+        except LogError as e:
+            raise SystemExit(f"record_traces.py: {e}; no traces written") from None
+        args.out.mkdir(parents=True, exist_ok=True)
         for spec in specs:
             conv = convs[spec.name]
             suffix = ".trace" if args.plain else ".trace.gz"

@@ -1,9 +1,15 @@
-"""Test helpers: real remote-hw processes and their output."""
+"""Test helpers shared by several test files: real remote-hw processes and their
+output, polling with a deadline, free ports, a pty pair, and the fakes that stand in
+for a device's interrupt line and for a link's interrupt callback.
+
+Kept in one module so a fix reaches every test that uses them; a fake only one file
+needs stays in that file."""
 
 from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -111,9 +117,91 @@ def read_until(sock: socket.socket, needle: bytes, timeout: float = 20.0) -> byt
             raise AssertionError(f"waited for {needle!r}, got {buf!r}")
         try:
             chunk = sock.recv(4096)
-        except socket.timeout:
+        except TimeoutError:
             continue
         if not chunk:
             raise AssertionError(f"connection closed while waiting for {needle!r}; got {buf!r}")
         buf += chunk
     return buf
+
+
+def wait_until(pred, what: str, timeout: float = 20.0, interval: float = 0.02):
+    """Poll ``pred`` until it returns something true and return that; fail naming
+    ``what`` after ``timeout`` seconds (the deadline only bounds a broken run)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listened on a moment ago."""
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+class Pty:
+    """A pty pair; ``path`` is the tty side a backend opens, ``master`` the far end."""
+
+    def __init__(self) -> None:
+        self.master, slave = os.openpty()
+        self.path = os.ttyname(slave)
+        os.close(slave)     # the backend opens its own; devpts keeps the node for it
+
+    def read(self, n: int, timeout: float = 10.0) -> bytes:
+        """Exactly ``n`` bytes from the master side; fail with what came instead."""
+        out = b""
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"waited for {n} bytes on the pty, got {out!r}")
+            if select.select([self.master], [], [], left)[0]:
+                out += os.read(self.master, n - len(out))
+        return out
+
+    def close(self) -> None:
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
+
+
+class RecordingIrq:
+    """A device's interrupt line that records every ``set_level`` call, so tests see
+    each edge and not just the last level."""
+
+    def __init__(self) -> None:
+        self.calls: list[bool] = []
+
+    @property
+    def level(self) -> bool:
+        return self.calls[-1] if self.calls else False
+
+    def set_level(self, level: bool) -> None:
+        self.calls.append(bool(level))
+
+
+class InterruptRecorder:
+    """A link's ``on_interrupt`` callback: records ``(vm, device, line, level)`` and
+    lets a test wait for one of them (the link calls it from its reader thread)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str, int, bool]] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, vm: int, dev: str, line: int, level: bool, client_id: int = 0) -> None:
+        with self.cond:
+            self.seen.append((vm, dev, line, level))
+            self.cond.notify_all()
+
+    def wait_for(self, item: tuple[int, str, int, bool], timeout: float = 5.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: item in self.seen, timeout)

@@ -72,8 +72,10 @@ def connect(b: TcpBackend) -> socket.socket:
 
 
 def test_registry() -> None:
+    from remote_hw.backends.evdev import EvdevBackend
     from remote_hw.backends.tty import TtyBackend
-    assert BACKENDS == {"tcp": TcpBackend, "file": FileBackend, "tty": TtyBackend}
+    assert {"tcp": TcpBackend, "file": FileBackend, "tty": TtyBackend,
+                        "evdev": EvdevBackend} == BACKENDS
 
 
 def test_tcp_both_directions(tcp) -> None:
@@ -204,7 +206,7 @@ def test_tcp_slow_peer_does_not_block_guest(tcp) -> None:
     ("tcp:127.0.0.1:http", "bad port"),
     ("tcp:127.0.0.1:70000", "out of range"),
     ("tcp:127.0.0.1:-1", "out of range"),
-    ("nosuch:x", "known backends: file, tcp"),
+    ("nosuch:x", "known backends: evdev, file, tcp, tty"),
     ("tcp", "NAME:ARG"),
     (":x", "NAME:ARG"),
     ("file:", "no path"),

@@ -8,8 +8,14 @@ import textwrap
 import pytest
 
 from remote_hw.cli import main
-from remote_hw.config import (ConfigError, load_agent_config, parse_device, parse_map,
-                              parse_server, parse_size)
+from remote_hw.config import (
+    ConfigError,
+    load_agent_config,
+    parse_device,
+    parse_map,
+    parse_server,
+    parse_size,
+)
 
 from helpers import REPO, remote_hw_cmd
 

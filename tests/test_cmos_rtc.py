@@ -9,6 +9,8 @@ import pytest
 from remote_hw.devices.cmos_rtc import CmosRtc
 from remote_hw.devices.registry import DEVICE_KINDS, create_device
 
+from helpers import RecordingIrq
+
 UTC = timezone.utc
 # Thursday, leap day, an afternoon hour (exercises PM) half-way through a second.
 BASE = datetime(2024, 2, 29, 13, 45, 58, tzinfo=UTC).timestamp() + 0.5
@@ -20,18 +22,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.t
-
-
-class RecordingIrq:
-    def __init__(self) -> None:
-        self.calls: list[bool] = []
-
-    @property
-    def level(self) -> bool:
-        return self.calls[-1] if self.calls else False
-
-    def set_level(self, level: bool) -> None:
-        self.calls.append(level)
 
 
 @pytest.fixture

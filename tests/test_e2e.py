@@ -14,9 +14,11 @@ from remote_hw.client.agent import Agent
 from remote_hw.config import DeviceSpec, VmConfig, parse_map
 from remote_hw.guest_images import guest_image
 from remote_hw.server.controller import Controller
-from remote_hw.server.net import Server
+from remote_hw.server.listener import Server
 
-from helpers import Proc, backend_port, read_until, remote_hw_cmd, start_server
+from helpers import Proc, backend_port, free_port, read_until, remote_hw_cmd, start_server
+
+pytestmark = pytest.mark.kvm
 
 UART_MAP = "port:0x3f8-0x3ff=a/uart0,irq=4"
 
@@ -186,7 +188,7 @@ def test_server_killed_mid_run_leaves_no_vm_hanging(tmp_path):
         # The rest of the reads return all ones at once; the guest ends with al = 0xff
         # written to the debug-exit port: status (0xff << 1 | 1) & 0xff = 0xff.
         assert vm.wait(120) == 0xFF, vm.output()
-        assert "server a (127.0.0.1:%d) is gone" % port in vm.output()
+        assert f"server a (127.0.0.1:{port}) is gone" in vm.output()
         assert "reads return all ones" in vm.output()
     finally:
         vm.stop()
@@ -194,11 +196,7 @@ def test_server_killed_mid_run_leaves_no_vm_hanging(tmp_path):
 
 
 def test_vm_without_server_exits_1_with_reason():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    vm = Proc(vm_cmd("hello.bin", port, UART_MAP))
+    vm = Proc(vm_cmd("hello.bin", free_port(), UART_MAP))
     assert vm.wait(30) == 1
     assert "cannot connect" in vm.output()
 

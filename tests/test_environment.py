@@ -33,6 +33,9 @@ TOOLS: dict[str, tuple[str, str]] = {
     "vagrant": ("vagrant", "validating the Vagrant rig (tests/test_vagrant.py)"),
     "gcc": ("gcc", "building remote_hw's C fast path and python-evdev"),
     "git": ("git", "make fresh-check clones the tree"),
+    "debootstrap": ("debootstrap", "scripts/install_qemu.sh builds the trixie chroot"),
+    "busybox": ("busybox-static", "the bridge tests' guest userland (initramfs)"),
+    "xmllint": ("libxml2-utils", "validating docs/bridge.md's libvirt XML"),
 }
 
 
@@ -85,3 +88,24 @@ def test_kernel_devices_the_suite_drives() -> None:
     # Not packages but the machine itself: say so plainly rather than fail later.
     for dev, what in (("/dev/kvm", "KVM guests"), ("/dev/fuse", "the FUSE view")):
         assert os.path.exists(dev), f"{dev} is missing: {what} cannot run on this machine"
+
+
+def test_the_c_fast_path_is_built_and_in_use() -> None:
+    # make test builds the extension (scripts/install.sh); if it did not, the fast path
+    # is silently off and the benchmark loses its main gain, so that is a failure here,
+    # not a skip (tests/test_fastio.py's tests skip, marked `fastio`).
+    from remote_hw.net import fastio
+    assert fastio._c is not None, fastio.status()[1]
+    assert fastio.enabled(), fastio.status()[1]
+
+
+def test_qemu_with_vfio_user_and_a_stock_kernel_for_the_bridge() -> None:
+    # QEMU >= 10.1 lives in install_qemu.sh's trixie chroot (Debian 12 has 7.2).
+    root = Path(os.environ.get("REMOTE_HW_QEMU_ROOT", "/var/lib/remote-hw/trixie"))
+    assert (root / "usr/bin/qemu-system-x86_64").exists(), (
+        f"no QEMU in {root}: run scripts/install_qemu.sh as root (debootstrap trixie, "
+        "qemu-system-x86 from trixie-backports)")
+    assert list(Path("/boot").glob("vmlinuz-*-amd64")), (
+        "no Debian kernel in /boot: apt-get install --no-install-recommends linux-image-amd64")
+    assert Path("/usr/share/libvirt/schemas/domain.rng").exists(), (
+        "libvirt's schemas are missing: apt-get install --no-install-recommends libvirt0")

@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 
 import pytest
 
-from remote_hw.net.link import ServerLink
 from remote_hw.config import DeviceSpec
+from remote_hw.net.link import ServerLink
 from remote_hw.protocol.messages import AccessKind, Direction, Status
 from remote_hw.server.controller import Controller
 from remote_hw.server.directory import StaticDirectory
-from remote_hw.server.net import Server
+from remote_hw.server.listener import Server
+
+from helpers import InterruptRecorder, free_port
 
 R, W, PORT = Direction.READ, Direction.WRITE, AccessKind.PORT
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def make_b(port: int = 0) -> Server:
@@ -39,21 +32,6 @@ def make_a(b_addr, routes=None, extra_servers=None) -> Server:
                   forward_timeout=2.0).start()
 
 
-class Irqs:
-    def __init__(self) -> None:
-        self.seen: list[tuple] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, vm, dev, line, level, client_id=0) -> None:
-        with self.cond:
-            self.seen.append((vm, dev, level))
-            self.cond.notify_all()
-
-    def wait_for(self, item, timeout=5.0) -> bool:
-        with self.cond:
-            return self.cond.wait_for(lambda: item in self.seen, timeout)
-
-
 @pytest.fixture
 def platform():
     b = make_b()
@@ -65,7 +43,7 @@ def platform():
 
 def test_request_reaches_device_on_b_through_a(platform):
     a, b = platform
-    irqs = Irqs()
+    irqs = InterruptRecorder()
     link = ServerLink("a", a.address, on_interrupt=irqs).connect()
     try:
         assert link.attach(1, "uart0") == Status.OK
@@ -80,14 +58,14 @@ def test_request_reaches_device_on_b_through_a(platform):
         # interrupts from b's device come back to this VM through a
         assert link.io(1, "uart0", PORT, 4, 1, W, 0x08)[0] == Status.OK
         assert link.io(1, "uart0", PORT, 1, 1, W, 0x02)[0] == Status.OK  # THRE interrupt
-        assert irqs.wait_for((1, "uart0", True))
+        assert irqs.wait_for((1, "uart0", 0, True))
     finally:
         link.close()
 
 
 def test_two_clients_through_a_keep_separate_instances(platform):
     a, b = platform
-    i1, i2 = Irqs(), Irqs()
+    i1, i2 = InterruptRecorder(), InterruptRecorder()
     l1 = ServerLink("a", a.address, on_interrupt=i1).connect()
     l2 = ServerLink("a", a.address, on_interrupt=i2).connect()
     try:
@@ -100,7 +78,7 @@ def test_two_clients_through_a_keep_separate_instances(platform):
         assert len(b.controller.instances()) == 2
         assert l1.io(5, "uart0", PORT, 4, 1, W, 0x08)[0] == Status.OK
         assert l1.io(5, "uart0", PORT, 1, 1, W, 0x02)[0] == Status.OK
-        assert i1.wait_for((5, "uart0", True))
+        assert i1.wait_for((5, "uart0", 0, True))
         time.sleep(0.2)
         assert i2.seen == []  # client 2 never sees client 1's interrupt
     finally:

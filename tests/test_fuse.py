@@ -23,27 +23,14 @@ import pytest
 from remote_hw.config import DeviceSpec
 from remote_hw.devices import registry as device_registry
 from remote_hw.devices.base import Device
+from remote_hw.input.keys import KEY_CODES
 from remote_hw.protocol.messages import Direction
 from remote_hw.server.controller import Controller
+from remote_hw.server.fuse import FuseError, FuseView, mount_at
 
-fusefs = pytest.importorskip("remote_hw.server.fusefs")
-FuseView, FuseError, mount_at = fusefs.FuseView, fusefs.FuseError, fusefs.mount_at
+from helpers import REPO, wait_until
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _fuse_unavailable() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "needs /dev/fuse"
-    try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError) as e:
-        return f"needs mfusepy on libfuse3 ({e})"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_fuse_unavailable() is not None,
-                                reason=_fuse_unavailable() or "")
+pytestmark = pytest.mark.fuse
 
 W, R = Direction.WRITE, Direction.READ
 WAIT = 20
@@ -90,17 +77,6 @@ class FakeKeyboard(Device):
 @pytest.fixture
 def fake_keyboard(monkeypatch):
     monkeypatch.setitem(device_registry.DEVICE_KINDS, FakeKeyboard.kind, FakeKeyboard)
-
-
-def wait_until(pred, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -355,7 +331,7 @@ def test_input_and_keys_for_a_model_with_key_event_only(ctl, view):
     d = mnt(view) / "devices" / "keys0" / "0"
     assert sorted(os.listdir(d)) == ["input", "keys", "status", "status.json"]
     (d / "input").write_text("Ok\n")
-    K = fusefs.keys.KEY_CODES
+    K = KEY_CODES
     S = K["KEY_LEFTSHIFT"]
     assert inst.model.keys == [(S, True), (K["KEY_O"], True), (K["KEY_O"], False), (S, False),
                                (K["KEY_K"], True), (K["KEY_K"], False),
@@ -381,12 +357,12 @@ def test_stop_unmounts_and_restores_the_controller(ctl, tmp_path):
     v = FuseView(ctl, str(mp)).start()
     ctl.attach(1, 1, "uart0", RecordingSink())
     inst = ctl.instances()[0]
-    assert isinstance(inst.model.tx_sink, fusefs._Tee)
+    assert inst.output_listeners == (v.tap(inst).append,)    # the view's tap listens
     assert len(ctl._instance_listeners) == 1
     v.stop()
     assert mount_at(str(mp)) is None
     assert not v.mounted
-    assert not isinstance(inst.model.tx_sink, fusefs._Tee)
+    assert inst.output_listeners == ()
     assert ctl._instance_listeners == []
     assert not mp.exists()                     # the view made the directory; it goes too
     assert _fusermount_children(mp) == []      # no auto_unmount helper left behind
@@ -419,9 +395,8 @@ def test_a_live_mount_is_not_taken_over(ctl, view):
     assert os.listdir(view.mountpoint)          # the first one still serves
 
 
+@pytest.mark.root                   # to mount a tmpfs
 def test_a_foreign_mount_is_refused(ctl, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
     mp = tmp_path / "tmpfs"
     mp.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mp)], check=True)
@@ -456,7 +431,7 @@ SERVER_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from remote_hw.config import DeviceSpec
     from remote_hw.server.controller import Controller
-    from remote_hw.server.fusefs import FuseView
+    from remote_hw.server.fuse import FuseView
     c = Controller("a", [DeviceSpec("uart0", "uart16550")])
     v = FuseView(c, sys.argv[1], auto_unmount=sys.argv[2] == "1").start()
     print("mounted", flush=True)
@@ -501,9 +476,6 @@ def test_a_crashed_server_leaves_no_stale_mount_on_restart(ctl, tmp_path):
 
 
 def test_auto_unmount_cleans_up_after_a_crash(ctl, tmp_path):
-    import shutil
-    if shutil.which("fusermount3") is None:
-        pytest.skip("needs fusermount3 (apt-get install fuse3) for auto_unmount")
     mp = tmp_path / "m"
     p = _start_server_process(tmp_path, mp, auto_unmount=True)
     p.kill()
@@ -565,7 +537,7 @@ def test_two_views_of_one_controller(ctl, tmp_path):
         assert (tmp_path / "b" / "devices/uart0/0/tx").read_bytes() == b"xz"
         assert (tmp_path / "b" / "devices/uart0/1/tx").read_bytes() == b"y"
         inst0 = next(i for i in ctl.instances() if i.index == 0)
-        assert inst0.model.tx_sink.tap is b.tap(inst0)       # only b's tee is left
+        assert inst0.output_listeners == (b.tap(inst0).append,)  # only b's tap is left
     finally:
         b.stop()
     assert ctl._instance_listeners == []

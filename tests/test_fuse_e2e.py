@@ -23,28 +23,17 @@ from remote_hw.client.agent import Agent
 from remote_hw.config import DeviceSpec, VmConfig, parse_map
 from remote_hw.guest_images import guest_image
 from remote_hw.server.controller import Controller
-from remote_hw.server.net import Server
+from remote_hw.server.fuse import FuseView
+from remote_hw.server.listener import Server
 
-fusefs = pytest.importorskip("remote_hw.server.fusefs")
+from helpers import wait_until
 
 UART_MAP = "port:0x3f8-0x3ff=a/uart0,irq=4"
 RTC_MAP = "port:0x70-0x71=a/rtc0"
 WAIT = 60
 
 
-def _unavailable() -> str | None:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "needs read/write access to /dev/kvm"
-    if not os.path.exists("/dev/fuse"):
-        return "needs /dev/fuse"
-    try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError) as e:
-        return f"needs mfusepy on libfuse3 ({e})"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=_unavailable() or "")
+pytestmark = [pytest.mark.kvm, pytest.mark.fuse]
 
 
 class Rig:
@@ -54,7 +43,7 @@ class Rig:
         self.ctl = Controller("a", [DeviceSpec("uart0", "uart16550"),
                                     DeviceSpec("rtc0", "cmos-rtc")])
         self.server = Server(self.ctl, "127.0.0.1", 0).start()
-        self.view = fusefs.FuseView(self.ctl, str(tmp_path / "mnt")).start()
+        self.view = FuseView(self.ctl, str(tmp_path / "mnt")).start()
         self.mnt = Path(self.view.mountpoint)
         self.agent = Agent({"a": self.server.address}, client_name="fuse-e2e")
         self.agent.add_vm(VmConfig(1, str(guest_image(image)), 2 << 20,
@@ -62,7 +51,7 @@ class Rig:
 
     def session(self) -> Path:
         """The VM's session folder (exactly one session exists)."""
-        names = wait_for(lambda: os.listdir(self.mnt / "sessions"), "the VM's session")
+        names = wait_until(lambda: os.listdir(self.mnt / "sessions"), "the VM's session", WAIT)
         assert len(names) == 1, names
         return self.mnt / "sessions" / names[0]
 
@@ -83,17 +72,6 @@ def make_rig(tmp_path):
     yield make
     for rig in rigs:
         rig.close()
-
-
-def wait_for(pred, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Tail:
@@ -181,6 +159,6 @@ def test_the_session_folder_goes_when_the_vm_leaves(make_rig):
     rig.agent.start()
     assert rig.agent.wait(WAIT) == {1: 0}
     rig.agent.stop()                    # detaches the VM, closes the connection
-    wait_for(lambda: not sess.exists(), "the session folder to go")
+    wait_until(lambda: not sess.exists(), "the session folder to go", WAIT)
     assert os.listdir(rig.mnt / "sessions") == []
     assert os.listdir(rig.mnt / "devices" / "uart0") == ["config"]

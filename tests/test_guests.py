@@ -8,18 +8,19 @@ timeouts only bound a broken run.
 
 from __future__ import annotations
 
-import re
 import hashlib
-import importlib.util
-import os
+import re
 import struct
 import subprocess
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from remote_hw.client.vmm import STATUS_HALTED, Vm, debug_exit_status
+from remote_hw.devices.cmos_rtc import CmosRtc
+from remote_hw.devices.uart16550 import Uart16550
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_SH = ROOT / "guests" / "build.sh"
@@ -34,8 +35,7 @@ GUESTS = _declared_guests()
 RUN_TIMEOUT = 30
 WAIT = 30
 
-pytestmark = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK),
-                                reason="needs read/write access to /dev/kvm")
+pytestmark = pytest.mark.kvm
 
 
 def build(out: Path) -> dict[str, str]:
@@ -229,10 +229,6 @@ def test_echo_interrupt_driven(guests):
 
 
 def test_echo_with_project_uart_model(guests):
-    if importlib.util.find_spec("remote_hw.devices.uart16550") is None:
-        pytest.skip("remote_hw.devices.uart16550 not written yet")
-    from remote_hw.devices.uart16550 import Uart16550
-
     vm = Vm(mem_size=1 << 20)
     with vm:
         uart = Uart16550(irq=vm.irq_line(4))
@@ -298,12 +294,6 @@ def test_rtc_prints_cmos_date(guests, regs, expected):
 
 
 def test_rtc_with_project_cmos_model(guests):
-    if importlib.util.find_spec("remote_hw.devices.cmos_rtc") is None:
-        pytest.skip("remote_hw.devices.cmos_rtc not written yet")
-    from datetime import datetime, timezone
-
-    from remote_hw.devices.cmos_rtc import CmosRtc
-
     when = datetime(2031, 7, 4, 9, 8, 7, tzinfo=timezone.utc).timestamp() + 0.5
     vm, uart = new_vm(1 << 20)
     with vm:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from remote_hw.backends import keys
 from remote_hw.devices.base import EVENT_RESET_REQUEST, NullIrq
-from remote_hw.devices.i8042 import (XLAT_TABLE, I8042, KeyText, key_events_for_name,
-                                     translate)
+from remote_hw.devices.i8042 import I8042, XLAT_TABLE, translate
 from remote_hw.devices.registry import DEVICE_KINDS, create_device
+from remote_hw.input import keys, layout, scancodes
+from remote_hw.input.keytext import KeyText, key_events_for_name
 
 DATA, CMD = 0, 4
 
@@ -186,6 +186,26 @@ def test_reset_requests(kb, events) -> None:
     assert kb.status()["reset_requests"] == 3
 
 
+def test_typed_keys_are_published_as_device_events(kb, events) -> None:
+    """Every key the host side types goes out as ``key.CODE.0|1`` (a client may
+    re-emit the keyboard through uinput), whichever way it was typed, and even when
+    the guest's keyboard drops it: the mirror follows what was typed."""
+    kb.feed(b"A<ctrl-c>")
+    assert events == ["key.42.1", "key.30.1", "key.30.0", "key.42.0",
+                      "key.29.1", "key.46.1", "key.46.0", "key.29.0"]
+    del events[:]
+    kb.type_text("b")
+    kb.key_event("KEY_ENTER", True)
+    assert events == ["key.48.1", "key.48.0", "key.28.1"]
+    del events[:]
+    send(kb, 0xF5)                       # the guest disables scanning
+    drain(kb)
+    assert not kb.key_event("q", True)   # dropped for the guest ...
+    assert events == ["key.16.1"]        # ... published all the same
+    kb.feed(b"<nosuchkey>")
+    assert events == ["key.16.1"]        # unknown names are not keys: nothing published
+
+
 def test_write_output_buffer_commands(kb, irq, aux_irq) -> None:
     setup(kb, 0x43)                      # translation on, both interrupts
     irq.calls.clear()
@@ -310,10 +330,10 @@ def test_keys_translated_and_not(kb) -> None:
 def test_translation_table_agrees_with_the_set_1_table() -> None:
     """For every key: the 8042's translation of its set-2 codes is its set-1 code."""
     checked = 0
-    for code in keys.SET2:
+    for code in scancodes.SET2:
         for pressed in (True, False):
-            s2 = keys.scancodes(code, pressed, 2)
-            s1 = keys.scancodes(code, pressed, 1)
+            s2 = scancodes.scancodes(code, pressed, 2)
+            s1 = scancodes.scancodes(code, pressed, 1)
             assert translate(s2) == s1, keys.key_name(code)
             checked += 1
     assert checked > 200
@@ -367,7 +387,7 @@ def test_backlog_keeps_a_paste_in_order() -> None:
     k = I8042()
     setup(k, 0x40)
     assert k.type_text(text) == 2 * len(text)
-    assert keys.ScancodeDecoder(1).feed(bytes(drain(k))) == keys.text_events(text)
+    assert scancodes.ScancodeDecoder(1).feed(bytes(drain(k))) == layout.text_events(text)
 
 
 def test_full_backlog_drops_and_counts() -> None:
@@ -377,8 +397,8 @@ def test_full_backlog_drops_and_counts() -> None:
     accepted = k.type_text(text)
     assert accepted < 2 * len(text)
     assert k.status()["keys_dropped"] == 2 * len(text) - accepted
-    got = keys.ScancodeDecoder(1).feed(bytes(drain(k)))
-    assert got == keys.text_events(text)[:accepted]      # what got in is in order
+    got = scancodes.ScancodeDecoder(1).feed(bytes(drain(k)))
+    assert got == layout.text_events(text)[:accepted]      # what got in is in order
 
 
 def test_full_backlog_never_leaves_a_key_stuck() -> None:
@@ -391,7 +411,7 @@ def test_full_backlog_never_leaves_a_key_stuck() -> None:
     assert k.key_event("b", False) is False      # its press never went in
     assert k.key_event("KEY_LEFTSHIFT", False)   # this one must, full or not
     assert k.key_event("a", False)
-    got = keys.ScancodeDecoder(1).feed(bytes(drain(k)))
+    got = scancodes.ScancodeDecoder(1).feed(bytes(drain(k)))
     assert got[-2:] == [(K["KEY_LEFTSHIFT"], False), (K["KEY_A"], False)]
     assert {c for c, p in got} == {K["KEY_LEFTSHIFT"], K["KEY_A"]}
 
@@ -438,7 +458,7 @@ K = keys.KEY_CODES
 
 
 def taps(*names: str) -> list[tuple[int, bool]]:
-    return keys.tap(K[n] for n in names)
+    return layout.tap(K[n] for n in names)
 
 
 def test_text_and_names() -> None:
@@ -453,7 +473,7 @@ def test_text_and_names() -> None:
 def test_escapes_and_literals() -> None:
     p = KeyText()
     ev = p.feed("a<<b> c < d >e <>")
-    want = keys.text_events("a<b> c < d >e <>")
+    want = layout.text_events("a<b> c < d >e <>")
     assert ev == want
 
 
@@ -489,7 +509,7 @@ def test_open_name_waits_for_more_and_flush_types_it() -> None:
     assert p.feed("<ent") == []
     assert p.feed("er>") == taps("KEY_ENTER")
     assert p.feed("<ab") == []
-    assert p.flush() == keys.text_events("<ab")
+    assert p.flush() == layout.text_events("<ab")
 
 
 def test_feed_and_type_text_reach_the_guest(kb) -> None:

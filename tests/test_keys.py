@@ -4,21 +4,23 @@ where the machine has /dev/uinput and /dev/input and skip with the reason elsewh
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 
 import pytest
 
-from remote_hw.backends import keys
-from remote_hw.backends.evdev_input import (EvdevKeyboard, HotplugFollower,
-                                            InputDeviceInfo, InputUnavailable,
-                                            InstanceEventSink, InstanceKeySink,
-                                            check_dev_input, looks_like_keyboard, matches)
-from remote_hw.backends.keys import (EV_KEY, EV_SYN, SYN_DROPPED, SYN_REPORT,
-                                     EvdevTranslator, RecordingSink, ScancodeDecoder,
-                                     UnknownKey, key_code, scancodes)
-from remote_hw.client.uinput import UinputKeyboard, UinputUnavailable, open_uinput
+from remote_hw.input import device_events, keys, keytext, layout, linux_events
+from remote_hw.input import scancodes as sc
+from remote_hw.input.evdev_keyboard import (
+    EvdevKeyboard,
+    InputUnavailable,
+    check_dev_input,
+    check_keyboard,
+)
+from remote_hw.input.hotplug import HotplugFollower, InputDeviceInfo, looks_like_keyboard, matches
+from remote_hw.input.keys import RecordingSink, UnknownKey, key_code
+from remote_hw.input.linux_events import EV_KEY, EV_SYN, SYN_DROPPED, SYN_REPORT, EvdevTranslator
+from remote_hw.input.scancodes import ScancodeDecoder, scancodes
+from remote_hw.input.uinput import UinputKeyboard, UinputUnavailable, open_uinput
 
 K = keys.KEY_CODES
 
@@ -75,7 +77,7 @@ def test_print_screen_and_pause_sequences():
 
 
 def test_every_key_has_distinct_codes_in_both_sets():
-    for table in (keys.SET1, keys.SET2):
+    for table in (sc.SET1, sc.SET2):
         # Pause has no make/break pair: scancodes() sends its fixed sequence.
         assert set(table) == set(keys.KEY_NAMES) - {K["KEY_PAUSE"]}
         assert len(set(table.values())) == len(table)
@@ -118,7 +120,7 @@ def test_decoder_keeps_prefixes_between_feeds_and_skips_garbage():
 # ------------------------------------------------------------------ text
 
 def test_text_events_use_shift_for_capitals_and_symbols():
-    ev = keys.text_events("Hi!")
+    ev = layout.text_events("Hi!")
     S = K["KEY_LEFTSHIFT"]
     assert ev == [(S, True), (K["KEY_H"], True), (K["KEY_H"], False), (S, False),
                   (K["KEY_I"], True), (K["KEY_I"], False),
@@ -127,29 +129,29 @@ def test_text_events_use_shift_for_capitals_and_symbols():
 
 def test_text_events_control_characters():
     enter = [(K["KEY_ENTER"], True), (K["KEY_ENTER"], False)]
-    assert keys.text_events("\n") == enter
-    assert keys.text_events("\r\n") == enter          # one Enter, not two
-    assert keys.text_events("\t") == [(K["KEY_TAB"], True), (K["KEY_TAB"], False)]
+    assert layout.text_events("\n") == enter
+    assert layout.text_events("\r\n") == enter          # one Enter, not two
+    assert layout.text_events("\t") == [(K["KEY_TAB"], True), (K["KEY_TAB"], False)]
     C = K["KEY_LEFTCTRL"]
-    assert keys.text_events("\x03") == [(C, True), (K["KEY_C"], True), (K["KEY_C"], False),
+    assert layout.text_events("\x03") == [(C, True), (K["KEY_C"], True), (K["KEY_C"], False),
                                         (C, False)]
     with pytest.raises(UnknownKey, match="US keyboard"):
-        keys.text_events("é")
+        layout.text_events("é")
 
 
 def test_key_commands():
     C, A, D = K["KEY_LEFTCTRL"], K["KEY_LEFTALT"], K["KEY_DELETE"]
-    assert keys.parse_key_commands("ctrl+alt+delete") == [
+    assert keytext.parse_key_commands("ctrl+alt+delete") == [
         (C, True), (A, True), (D, True), (D, False), (A, False), (C, False)]
     S = K["KEY_LEFTSHIFT"]
-    assert keys.parse_key_commands("+shift a -shift") == [
+    assert keytext.parse_key_commands("+shift a -shift") == [
         (S, True), (K["KEY_A"], True), (K["KEY_A"], False), (S, False)]
-    assert keys.parse_key_commands("?") == [(S, True), (K["KEY_SLASH"], True),
+    assert keytext.parse_key_commands("?") == [(S, True), (K["KEY_SLASH"], True),
                                            (K["KEY_SLASH"], False), (S, False)]
-    assert keys.parse_key_commands("-") == [(K["KEY_MINUS"], True), (K["KEY_MINUS"], False)]
-    assert keys.parse_key_commands("  ") == []
+    assert keytext.parse_key_commands("-") == [(K["KEY_MINUS"], True), (K["KEY_MINUS"], False)]
+    assert keytext.parse_key_commands("  ") == []
     with pytest.raises(UnknownKey):
-        keys.parse_key_commands("ctrl+nope")
+        keytext.parse_key_commands("ctrl+nope")
 
 
 # ------------------------------------------------------------------ evdev -> keys
@@ -169,7 +171,7 @@ def test_evdev_translator_ignores_buttons_other_types_and_stray_releases():
     tr = EvdevTranslator(sink)
     tr.events([(EV_KEY, 0x110, 1),         # BTN_LEFT
                (0x02, 0, 5),                # EV_REL
-               (keys.EV_MSC, 4, 0x70004),   # MSC_SCAN
+               (linux_events.EV_MSC, 4, 0x70004),   # MSC_SCAN
                (EV_KEY, K["KEY_B"], 0),     # release of a key never pressed
                (EV_KEY, K["KEY_B"], 2),     # repeat of a key never pressed
                (EV_KEY, 0x2C0, 1)])         # a key not in our table
@@ -189,15 +191,28 @@ def test_evdev_translator_releases_held_keys_on_unplug_and_dropped_events():
 
 
 def test_input_events_for_uinput():
-    assert keys.input_events("a", True) == [(EV_KEY, 30, 1), (EV_SYN, SYN_REPORT, 0)]
-    assert keys.input_events(30, False) == [(EV_KEY, 30, 0), (EV_SYN, SYN_REPORT, 0)]
+    assert linux_events.input_events("a", True) == [(EV_KEY, 30, 1), (EV_SYN, SYN_REPORT, 0)]
+    assert linux_events.input_events(30, False) == [(EV_KEY, 30, 0), (EV_SYN, SYN_REPORT, 0)]
 
 
 def test_key_event_names_round_trip():
-    assert keys.key_event_name("a", True) == "key:30:1"
-    assert keys.parse_key_event_name("key:30:0") == (30, False)
-    for other in ("reset-request", "key:30:2", "key:999:1", "key:a:1", "key:30:1 "):
-        assert keys.parse_key_event_name(other) is None
+    assert device_events.key_event_name("a", True) == "key.30.1"
+    assert device_events.parse_key_event_name("key.30.0") == (30, False)
+    for other in ("reset-request", "key.30.2", "key.999.1", "key.a.1", "key.30.1 "):
+        assert device_events.parse_key_event_name(other) is None
+
+
+def test_every_key_event_name_is_a_valid_protocol_event():
+    """The names travel in EVENT messages, whose name field is an identifier: encode
+    and decode one for every key, pressed and released (after the 8-byte header)."""
+    from remote_hw.protocol import codec
+    from remote_hw.protocol.messages import Event
+    for code in keys.KEY_NAMES:
+        for pressed in (True, False):
+            name = device_events.key_event_name(code, pressed)
+            frame = codec.encode(Event(vm_id=1, device_id="kbd0", name=name))
+            assert codec.decode_payload(Event.MSG_TYPE, frame[8:]).name \
+                == name
 
 
 # ------------------------------------------------------------------ uinput (client)
@@ -209,7 +224,7 @@ def test_uinput_keyboard_writes_key_and_syn_events():
     kb.key("a", True)
     kb.key("a", False)
     kb.key("a", False)                  # a second release writes nothing
-    assert kb.handle_event("key:30:1")
+    assert kb.handle_event("key.30.1")
     assert not kb.handle_event("reset-request")
     kb.close()                          # releases KEY_A and shift
     S, A = K["KEY_LEFTSHIFT"], K["KEY_A"]
@@ -234,6 +249,42 @@ def test_dev_input_missing_fails_with_one_sentence(tmp_path):
         kb.start()
 
 
+def test_check_keyboard_says_what_is_missing_in_one_sentence(tmp_path):
+    """What a server runs at start for backend=evdev:MATCH (no kernel needed)."""
+    dev_input = tmp_path / "input"
+    with pytest.raises(InputUnavailable) as e:
+        check_keyboard("/dev/input/event3", str(dev_input))
+    assert str(e.value).startswith("/dev/input/event3 does not exist (this kernel has no "
+                                   "input devices")
+    with pytest.raises(InputUnavailable, match="cannot read a real keyboard"):
+        check_keyboard("any", str(dev_input))
+    dev_input.mkdir()
+    node = dev_input / "event3"
+    with pytest.raises(InputUnavailable, match="no such keyboard is plugged in"):
+        check_keyboard(str(node), str(dev_input))
+    node.write_text("")
+    check_keyboard(str(node), str(dev_input))     # python-evdev and pyudev are test deps
+    check_keyboard("Logitech", str(dev_input))    # a name waits for the keyboard
+    assert "\n" not in str(e.value)
+
+
+def test_evdev_backend_is_checked_when_the_server_starts(monkeypatch, tmp_path):
+    from remote_hw.backends.base import BackendError, BackendUnavailable
+    from remote_hw.backends.evdev import EvdevBackend
+    from remote_hw.config import DeviceSpec
+    from remote_hw.server.controller import Controller
+    monkeypatch.setattr(EvdevBackend, "dev_input", str(tmp_path / "input"))
+    with pytest.raises(BackendUnavailable) as e:
+        Controller("a", [DeviceSpec("kbd0", "i8042", backend="evdev:/dev/input/event3")])
+    assert str(e.value).startswith("backend evdev:/dev/input/event3: /dev/input/event3 "
+                                   "does not exist (this kernel has no input devices")
+    with pytest.raises(ValueError, match="takes no key events") as e2:
+        Controller("a", [DeviceSpec("uart0", "uart16550", backend="evdev:any")])
+    assert not isinstance(e2.value, BackendError)   # a usage error, named before the kernel
+    with pytest.raises(BackendError, match="make the device shared"):
+        EvdevBackend("any", "kbd0", 1)
+
+
 def test_missing_python_evdev_is_reported(monkeypatch, tmp_path):
     import builtins
     real_import = builtins.__import__
@@ -247,7 +298,7 @@ def test_missing_python_evdev_is_reported(monkeypatch, tmp_path):
     dev.write_text("")
     with pytest.raises(UinputUnavailable, match="pip install evdev"):
         open_uinput("x", str(dev))
-    from remote_hw.backends.evdev_input import require_evdev
+    from remote_hw.input.evdev_keyboard import require_evdev
     with pytest.raises(InputUnavailable, match="pip install evdev"):
         require_evdev()
 
@@ -320,30 +371,31 @@ def test_looks_like_keyboard():
     assert not looks_like_keyboard([0x110, 0x111, 0x112])
 
 
-def test_instance_key_sink_feeds_the_model_under_its_lock():
+def test_instance_is_the_key_sink_of_its_model_under_its_lock():
+    from remote_hw.config import DeviceSpec
+    from remote_hw.server.controller import Instance
+
     class Model:
         def __init__(self):
             self.got = []
 
-        def key_event(self, code, pressed):
-            assert lock_held()
+        def key(self, code, pressed):
+            assert inst.lock._is_owned()
             self.got.append((code, pressed))
 
-    class Inst:
-        lock = threading.RLock()
-        model = Model()
-
-    def lock_held():
-        return Inst.lock._is_owned()
-    sink = InstanceKeySink(Inst)
-    keys.send(sink, keys.text_events("a"))
-    assert Inst.model.got == [(30, True), (30, False)]
+    inst = Instance(DeviceSpec("kbd0", "i8042"), 0)
+    inst.model = Model()
+    assert isinstance(inst, keys.KeySink)
+    keys.send(inst, layout.text_events("a"))
+    assert inst.model.got == [(30, True), (30, False)]
 
 
-def test_server_keyboard_reaches_a_client_host_as_device_events():
-    """Server: evdev events -> translator -> key events as device events to the
-    attached sessions. Client: those events -> uinput events (no kernel on either
+def test_server_keyboard_reaches_the_guest_and_a_client_host():
+    """Server: evdev events -> translator -> the instance -> the i8042 model, which
+    queues scancodes for the guest and publishes each key to the attached sessions.
+    Client: those events -> the key mirror -> uinput events (no kernel on either
     side here)."""
+    from remote_hw.client.key_mirror import KeyMirror
     from remote_hw.config import DeviceSpec
     from remote_hw.server.controller import Controller
 
@@ -357,34 +409,45 @@ def test_server_keyboard_reaches_a_client_host_as_device_events():
         def event(self, vm_id, device, name):
             self.events.append((vm_id, device, name))
 
-    ctl = Controller("a", [DeviceSpec("kbd0", "uart16550", shared=True)])
+    ctl = Controller("a", [DeviceSpec("kbd0", "i8042", shared=True)])
     try:
         s1, s2 = Session(), Session()
         ctl.attach(1, 1, "kbd0", s1)
         ctl.attach(2, 5, "kbd0", s2)
-        tr = EvdevTranslator(InstanceEventSink(ctl.instances()[0]))
+        (inst,) = ctl.instances()
+        tr = EvdevTranslator(inst)
         tr.events([(EV_KEY, K["KEY_Q"], 1), (EV_SYN, SYN_REPORT, 0), (EV_KEY, K["KEY_Q"], 0)])
-        assert s1.events == [(1, "kbd0", "key:16:1"), (1, "kbd0", "key:16:0")]
-        assert s2.events == [(5, "kbd0", "key:16:1"), (5, "kbd0", "key:16:0")]
+        assert s1.events == [(1, "kbd0", "key.16.1"), (1, "kbd0", "key.16.0")]
+        assert s2.events == [(5, "kbd0", "key.16.1"), (5, "kbd0", "key.16.0")]
+        got = []                                         # and the guest reads them
+        while inst.model.status()["obf"]:
+            got.append(inst.model.read(0, 1))
+        assert bytes(got) == scancodes("q", True) + scancodes("q", False)
     finally:
         ctl.close()
     written = []
-    kb = UinputKeyboard(writer=lambda t, c, v: written.append((t, c, v)))
-    for _vm, _dev, name in s1.events:
-        assert kb.handle_event(name)
+    opened = []
+
+    def open_keyboard(name):
+        opened.append(name)
+        return UinputKeyboard(writer=lambda t, c, v: written.append((t, c, v)))
+    mirror = KeyMirror(open_keyboard)
+    mirror.add("a", 1, "kbd0", "a/kbd0")
+    for vm, dev, name in s1.events + s2.events:
+        assert mirror.deliver("a", vm, dev, name)      # key events: handled (vm 5: dropped)
+    assert not mirror.deliver("a", 1, "kbd0", "reset-request")
+    assert opened == ["remote-hw a/kbd0 (vm 1)"]
     assert written == [(EV_KEY, 16, 1), (EV_SYN, SYN_REPORT, 0),
                        (EV_KEY, 16, 0), (EV_SYN, SYN_REPORT, 0)]
+    assert (mirror.delivered, mirror.dropped) == (2, 2)
+    mirror.deliver("a", 1, "kbd0", "key.30.1")        # held when the agent stops
+    mirror.close()
+    assert written[-2:] == [(EV_KEY, 30, 0), (EV_SYN, SYN_REPORT, 0)]
 
 
 # ------------------------------------------------------------------ the kernel
 
-needs_uinput = pytest.mark.skipif(
-    not os.path.exists("/dev/uinput") or not os.path.isdir("/dev/input"),
-    reason="needs /dev/uinput and /dev/input (this machine has no input subsystem "
-           "devices; load the uinput module where it can)")
-
-
-@needs_uinput
+@pytest.mark.uinput
 def test_uinput_keyboard_is_seen_by_evdev():
     evdev = pytest.importorskip("evdev", reason="python-evdev not installed")
     kb = UinputKeyboard(name="remote-hw test keyboard")
@@ -405,7 +468,7 @@ def test_uinput_keyboard_is_seen_by_evdev():
         kb.close()
 
 
-@needs_uinput
+@pytest.mark.uinput
 def test_evdev_keyboard_follows_a_hotplugged_keyboard():
     pytest.importorskip("evdev", reason="python-evdev not installed")
     pytest.importorskip("pyudev", reason="pyudev not installed")

@@ -11,15 +11,17 @@ from __future__ import annotations
 import signal
 import sys
 import textwrap
-import time
 
 import pytest
 
-from remote_hw.net import security
 from remote_hw.guest_images import guest_image
+from remote_hw.net import security
 
-from helpers import REPO, Proc, remote_hw_cmd
+from helpers import REPO, Proc, remote_hw_cmd, wait_until
 from rig import Etcd, rig_down, rig_up
+
+# Real guests (kvm) in network namespaces (netns, root) with a real etcd.
+pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.netns, pytest.mark.etcd]
 
 LEASE = 2
 CHAT = [sys.executable, str(REPO / "tests" / "tools" / "chat.py")]
@@ -87,14 +89,6 @@ def platform(rig, etcd, keys):
     p.close()
 
 
-def wait_until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def test_guest_output_reaches_a_device_on_b_through_a(platform, tmp_path):
     out = tmp_path / "uart0.out"
     platform.server("b", f"uart0=uart16550,backend=file:{out}")
@@ -150,18 +144,18 @@ def test_server_b_killed_then_restarted(platform, tmp_path):
     b = platform.server("b", f"uart0=uart16550,backend=file:{first}")
     a = platform.server("a")
     vm = platform.vm("ticker.bin", "port:0x3f8-0x3ff=a/uart0,irq=4")
-    wait_until(lambda: first.exists() and b"tick" in first.read_bytes(), 30, "first ticks")
+    wait_until(lambda: first.exists() and b"tick" in first.read_bytes(), "first ticks", 30)
     b.stop(signal.SIGKILL)
     # the directory drops the dead server when its lease runs out
     wait_until(lambda: "/remote-hw/servers/b" not in platform.etcd.keys("/remote-hw/servers/"),
-               3 * LEASE + 5, "the directory to drop server b")
+               "the directory to drop server b", 3 * LEASE + 5, interval=0.1)
     assert "/remote-hw/devices/uart0" not in platform.etcd.keys("/remote-hw/devices/")
     vm.wait_for(r"device unavailable: UNREACHABLE")
     assert vm.p.poll() is None  # the guest keeps running: the device reads as all ones
     # b comes back: the entry server finds it again and the ticks flow to the new backend
     platform.server("b", f"uart0=uart16550,backend=file:{second}")
-    wait_until(lambda: second.exists() and b"tick" in second.read_bytes(), 30,
-               "ticks after the restart")
+    wait_until(lambda: second.exists() and b"tick" in second.read_bytes(),
+               "ticks after the restart", 30)
     assert a.wait_for(r"uart0 found again on server b")
     vm.wait_for(r"device answers again")
     assert vm.stop(signal.SIGTERM) == 130

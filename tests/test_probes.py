@@ -7,9 +7,10 @@
   seen, counted exactly, attributed to its process (and VM, once published).
 * `trace` and `top` as commands, a probe source that does not compile.
 
-Skipped (with the reason) only where the probes cannot run at all: not root, no bcc,
-no kvm tracepoints, no kernel headers, no /dev/kvm. A probe that fails to compile or
-load where all of those are present fails the test.
+Skipped (with the reason; markers kvm, root, bpf in tests/conftest.py) only where the
+probes cannot run at all: not root, no bcc, no kvm tracepoints, no kernel headers, no
+/dev/kvm. A probe that fails to compile or load where all of those are present fails
+the test.
 """
 
 from __future__ import annotations
@@ -26,27 +27,16 @@ from pathlib import Path
 
 import pytest
 
+from remote_hw import resources
 from remote_hw.probes import model as M
 from remote_hw.probes.agent_hook import ProbeSession
-from remote_hw.probes.loader import KvmProbe, ProbeUnavailable, check_environment, import_bcc
+from remote_hw.probes.loader import KvmProbe
 
 REPO = Path(__file__).resolve().parent.parent
 IOLOOP = REPO / "guests" / "build" / "ioloop.bin"
 
 
-def _why_not() -> str | None:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "needs read/write access to /dev/kvm"
-    try:
-        check_environment()
-        import_bcc()
-    except ProbeUnavailable as e:
-        return str(e)
-    return None
-
-
-_REASON = _why_not()
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"probes unavailable: {_REASON}")
+pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.bpf]
 
 
 @pytest.fixture
@@ -244,7 +234,7 @@ class LocalScratch:
 def server():
     from remote_hw.config import DeviceSpec
     from remote_hw.server.controller import Controller
-    from remote_hw.server.net import Server
+    from remote_hw.server.listener import Server
     srv = Server(Controller("a", [DeviceSpec("uart0", "uart16550"),
                                   DeviceSpec("uart1", "uart16550")]), "127.0.0.1", 0).start()
     yield srv
@@ -381,9 +371,9 @@ def test_top_command_shows_rates_per_vm_and_device(session, tmp_path):
 def test_probe_that_does_not_compile_fails_in_one_sentence(tmp_path):
     src = tmp_path / "ebpf"
     src.mkdir()
-    (src / M.HEADER).write_text((M.EBPF_DIR / M.HEADER).read_text())
+    (src / M.HEADER).write_text(M.header_path().read_text())
     (src / "kvm_access.bpf.c").write_text(
-        (M.EBPF_DIR / "kvm_access.bpf.c").read_text() + "\nthis is not C;\n")
+        (resources.ebpf_dir() / "kvm_access.bpf.c").read_text() + "\nthis is not C;\n")
     for command in ("trace", "top"):
         r = subprocess.run(_probe_cmd(command, "--duration" if command == "trace"
                                       else "--iterations", "1"),

@@ -17,9 +17,14 @@ from remote_hw.probes import loader
 from remote_hw.probes import model as M
 from remote_hw.probes.agent_hook import DisabledProbeSession, ProbeSession, ranges_of_maps
 from remote_hw.probes.model import CountRow, Histogram, RangeSpec, Snapshot
-from remote_hw.probes.render import (DeviceSelector, EventFilter, VmSelector, format_event,
-                                     render_top, top_rows)
-
+from remote_hw.probes.render import (
+    DeviceSelector,
+    EventFilter,
+    VmSelector,
+    format_event,
+    render_top,
+    top_rows,
+)
 
 # ------------------------------------------------------------------ header and model
 
@@ -29,8 +34,8 @@ def test_constants_agree_with_the_shared_header():
 
 def test_header_structs_have_no_hidden_padding():
     # every struct is padded by hand: the ctypes size is the sum of its fields
-    for name in ("rhw_range_key", "rhw_range_val", "rhw_vcpu_val", "rhw_pub", "rhw_proc", "rhw_count_key",
-                 "rhw_count_val", "rhw_hist_key", "rhw_access_event"):
+    for name in ("rhw_range_key", "rhw_range_val", "rhw_vcpu_val", "rhw_pub", "rhw_proc",
+                 "rhw_count_key", "rhw_count_val", "rhw_hist_key", "rhw_access_event"):
         cls = M.header_struct(name)
         total = sum(ctypes.sizeof(t) for _, t in cls._fields_)
         assert ctypes.sizeof(cls) == total, name

@@ -33,13 +33,13 @@ from remote_hw.protocol import (
     Role,
     Status,
     Welcome,
+    codec,
     decode_feedback,
     decode_payload,
     encode,
     encode_feedback,
     encode_io_request,
 )
-from remote_hw.protocol import codec
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
@@ -408,7 +408,8 @@ def test_encode_other_messages_validation():
 
 
 def test_encode_feedback_fast_path_errors_match():
-    for args in [(1, 1, 0, 99, 1, 0), (1, 1, 0, 0, 3, 0), (1, 1, 0, 0, 1, 256), (-1, 1, 0, 0, 1, 0)]:
+    for args in [(1, 1, 0, 99, 1, 0), (1, 1, 0, 0, 3, 0), (1, 1, 0, 0, 1, 256),
+                 (-1, 1, 0, 0, 1, 0)]:
         with pytest.raises(LocalProtocolError) as fast:
             encode_feedback(*args)
         with pytest.raises(LocalProtocolError) as slow:
@@ -489,8 +490,8 @@ def test_fast_decoders_agree_with_generic_on_arbitrary_bytes(fb, io):
     fb = fb_payload(status=fb[0] % 11, size=fb[1] % 9, data=fb[2] % 300)[: len(fb)] + fb[28:]
     for t, p in ((4, fb), (3, io), (3, io_payload(device_id=io[:6], size=io[0] % 9))):
         plan = codec._PLANS[t]
-        assert outcome(lambda: decode_payload(t, p)) == outcome(
-            lambda: codec._decode_generic(plan, p, 0, len(p))
+        assert outcome(lambda t=t, p=p: decode_payload(t, p)) == outcome(
+            lambda plan=plan, p=p: codec._decode_generic(plan, p, 0, len(p))
         )
 
 

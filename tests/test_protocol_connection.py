@@ -268,8 +268,8 @@ def feed(side: Role, chunks: list[bytes]) -> list:
 
 
 def test_recorded_streams_are_complete():
-    assert UP_EVENTS == [Hello(name="vmhost"), *CLIENT_MSGS]
-    assert DOWN_EVENTS == [Welcome(client_id=1, name="srv1"), *SERVER_MSGS]
+    assert [Hello(name="vmhost"), *CLIENT_MSGS] == UP_EVENTS
+    assert [Welcome(client_id=1, name="srv1"), *SERVER_MSGS] == DOWN_EVENTS
 
 
 @pytest.mark.parametrize("side, stream, events", [

@@ -25,20 +25,20 @@ names the difference and its predicate, computed from the trace itself, holds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from remote_hw.backends.keys import ScancodeDecoder
-from remote_hw.net.link import ServerLink
 from remote_hw.config import DeviceSpec
 from remote_hw.devices.base import EVENT_RESET_REQUEST
 from remote_hw.devices.tracefmt import TraceRecord, format_record, read_trace
+from remote_hw.input.scancodes import ScancodeDecoder
+from remote_hw.net.link import ServerLink
 from remote_hw.protocol.messages import AccessKind, Direction, Status
 from remote_hw.server.controller import Controller
-from remote_hw.server.net import Server
+from remote_hw.server.listener import Server
 
 TRACES = sorted((Path(__file__).resolve().parent / "traces").glob("*.trace*"))
 VM_ID = 1

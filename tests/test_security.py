@@ -9,17 +9,17 @@ import time
 
 import pytest
 
-from remote_hw.net import security
-from remote_hw.net.link import LinkError, ServerLink
 from remote_hw.cli import main
 from remote_hw.config import DeviceSpec
+from remote_hw.net import security
+from remote_hw.net.link import LinkError, ServerLink
+from remote_hw.net.security import TlsConfig
 from remote_hw.protocol import Connection, Role
 from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import AccessKind, Direction, Status
-from remote_hw.net.security import TlsConfig
 from remote_hw.server.controller import Controller
 from remote_hw.server.directory import StaticDirectory
-from remote_hw.server.net import Server
+from remote_hw.server.listener import Server
 
 R, W, PORT = Direction.READ, Direction.WRITE, AccessKind.PORT
 

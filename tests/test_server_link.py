@@ -9,26 +9,27 @@ import time
 
 import pytest
 
+from remote_hw.config import DeviceSpec
 from remote_hw.net import fastio
 from remote_hw.net.link import LinkError, ServerLink
-from remote_hw.config import DeviceSpec
 from remote_hw.protocol import CLOSED, NEED_DATA, Connection, Role
 from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import AccessKind, Direction, Status
 from remote_hw.server.controller import Controller
-from remote_hw.server.net import Server
+from remote_hw.server.listener import Server
+
+from helpers import InterruptRecorder, free_port
 
 R, W, PORT = Direction.READ, Direction.WRITE, AccessKind.PORT
 
 
-@pytest.fixture(autouse=True, params=["c-path", "python-path"])
+@pytest.fixture(autouse=True, params=[pytest.param("c-path", marks=pytest.mark.fastio),
+                                      "python-path"])
 def io_path(request, monkeypatch):
     """Every test here runs over both request paths: the C fast path (when built) and
     the pure-Python one that TLS links and machines without a compiler use."""
     if request.param == "python-path":
         monkeypatch.setattr(fastio, "_state", (False, "off for this test"))
-    elif not fastio.enabled():
-        pytest.skip(f"C fast path unavailable: {fastio.status()[1]}")
     return request.param
 
 
@@ -39,21 +40,6 @@ def server():
     srv = Server(ctl, "127.0.0.1", 0).start()
     yield srv
     srv.stop()
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.irqs: list[tuple[int, str, int, bool]] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, vm: int, dev: str, line: int, level: bool, client_id: int = 0) -> None:
-        with self.cond:
-            self.irqs.append((vm, dev, line, level))
-            self.cond.notify_all()
-
-    def wait_for(self, item, timeout=5.0) -> bool:
-        with self.cond:
-            return self.cond.wait_for(lambda: item in self.irqs, timeout)
 
 
 def link_to(srv: Server, **kw) -> ServerLink:
@@ -92,7 +78,7 @@ def test_errors_are_feedback_not_crashes(server):
 
 
 def test_interrupts_reach_the_vm_that_owns_the_instance(server):
-    rec1, rec2 = Recorder(), Recorder()
+    rec1, rec2 = InterruptRecorder(), InterruptRecorder()
     l1 = link_to(server, on_interrupt=rec1)
     l2 = link_to(server, on_interrupt=rec2)
     try:
@@ -105,7 +91,7 @@ def test_interrupts_reach_the_vm_that_owns_the_instance(server):
         assert rec1.wait_for((7, "uart0", 0, False))
         # client 2's instance has its own registers and saw no interrupt at all
         assert l2.io(7, "uart0", PORT, 1, 1, R) == (Status.OK, 0x00)
-        assert rec2.irqs == []
+        assert rec2.seen == []
     finally:
         l1.close()
         l2.close()
@@ -154,7 +140,7 @@ def test_many_threads_share_one_link(server):
 
 def test_interrupt_reaches_idle_link(server):
     """No vCPU reads the socket: the background reader must deliver the interrupt."""
-    rec = Recorder()
+    rec = InterruptRecorder()
     link = link_to(server, on_interrupt=rec)
     try:
         assert link.attach(3, "uart0") == Status.OK
@@ -182,12 +168,8 @@ def test_server_gone_fails_fast_and_clearly(server, caplog):
 
 
 def test_connect_to_nothing_is_a_clear_error():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
     with pytest.raises(LinkError, match="cannot connect"):
-        ServerLink("a", ("127.0.0.1", port)).connect(1.0)
+        ServerLink("a", ("127.0.0.1", free_port())).connect(1.0)
 
 
 def _raw_client(srv: Server) -> socket.socket:

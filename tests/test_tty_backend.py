@@ -5,48 +5,22 @@ which is where the cable's other end would be)."""
 from __future__ import annotations
 
 import os
-import select
 import termios
 import threading
-import time
 
 import pytest
 
 from remote_hw.backends.base import BackendError
 from remote_hw.backends.registry import open_backend
-from remote_hw.backends.tty import (TtyBackend, export_settings, parse_tty_arg,
-                                    resolve_devnode)
+from remote_hw.backends.tty import TtyBackend, export_settings, parse_tty_arg, resolve_devnode
 from remote_hw.config import ConfigError, DeviceSpec
 from remote_hw.protocol.messages import Direction
 from remote_hw.server.controller import Controller
 
+from helpers import Pty, wait_until
+
 W, R = Direction.WRITE, Direction.READ
 WAIT = 10
-
-
-class Pty:
-    """A pty pair; ``path`` is the tty side the backend opens."""
-
-    def __init__(self) -> None:
-        self.master, slave = os.openpty()
-        self.path = os.ttyname(slave)
-        os.close(slave)     # the backend opens its own; devpts keeps the node for it
-
-    def read(self, n: int, timeout: float = WAIT) -> bytes:
-        out = b""
-        deadline = time.monotonic() + timeout
-        while len(out) < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"waited for {n} bytes on the pty, got {out!r}")
-            if select.select([self.master], [], [], left)[0]:
-                out += os.read(self.master, n - len(out))
-        return out
-
-    def close(self) -> None:
-        if self.master >= 0:
-            os.close(self.master)
-            self.master = -1
 
 
 @pytest.fixture
@@ -70,14 +44,6 @@ class Collect:
         with self.cond:
             assert self.cond.wait_for(lambda: want in self.data, WAIT), self.data
             return self.data
-
-
-def wait_until(pred, what: str):
-    deadline = time.monotonic() + WAIT
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # ------------------------------------------------------------------ arguments

@@ -8,6 +8,8 @@ from remote_hw.devices.base import NullIrq
 from remote_hw.devices.registry import DEVICE_KINDS, create_device
 from remote_hw.devices.uart16550 import Uart16550
 
+from helpers import RecordingIrq
+
 RBR = THR = DLL = 0
 IER = DLM = 1
 IIR = FCR = 2
@@ -16,20 +18,6 @@ MCR = 4
 LSR = 5
 MSR = 6
 SCR = 7
-
-
-class RecordingIrq:
-    """Records every set_level call so tests can see edges, not just the last level."""
-
-    def __init__(self) -> None:
-        self.calls: list[bool] = []
-
-    @property
-    def level(self) -> bool:
-        return self.calls[-1] if self.calls else False
-
-    def set_level(self, level: bool) -> None:
-        self.calls.append(level)
 
 
 @pytest.fixture

@@ -22,9 +22,9 @@ from remote_hw.backends.tty import export_settings
 from remote_hw.net.link import ServerLink
 from remote_hw.protocol.messages import AccessKind, Direction
 from remote_hw.server.controller import Controller
-from remote_hw.server.net import Server
+from remote_hw.server.listener import Server
 
-from helpers import Proc, remote_hw_cmd
+from helpers import Proc, Pty, remote_hw_cmd
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "udev_rules"
@@ -38,8 +38,6 @@ W, R = Direction.WRITE, Direction.READ
 # ------------------------------------------------------------------ udevadm test
 
 def _udev_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "udevadm test in a private mount namespace needs root"
     for tool in ("udevadm", "unshare"):
         if shutil.which(tool) is None:
             return f"needs {tool} (apt-get install udev util-linux)"
@@ -48,6 +46,7 @@ def _udev_unavailable() -> str | None:
     return None
 
 
+# udevadm test in a private mount namespace: root (the marker) and the tools (here).
 needs_udev = pytest.mark.skipif(_udev_unavailable() is not None,
                                 reason=_udev_unavailable() or "")
 
@@ -96,11 +95,12 @@ def rules_dir(tmp_path: Path, local: str | None = None) -> Path:
 def admin_rule(kernel_name: str) -> str:
     """The shipped ttyS0 example, uncommented and pointed at ``kernel_name``: what an
     admin does to export the server's own UART."""
-    line = next(l for l in (RULES / LOCAL_RULES).read_text().splitlines()
-                if l.startswith('#SUBSYSTEM=="tty", KERNEL=="ttyS0"'))
+    line = next(ln for ln in (RULES / LOCAL_RULES).read_text().splitlines()
+                if ln.startswith('#SUBSYSTEM=="tty", KERNEL=="ttyS0"'))
     return line[1:].replace('"ttyS0"', f'"{kernel_name}"') + "\n"
 
 
+@pytest.mark.root
 @needs_udev
 def test_shipped_rules_parse_and_export_nothing_until_an_admin_tags_a_device(tmp_path):
     name = a_tty()
@@ -109,6 +109,7 @@ def test_shipped_rules_parse_and_export_nothing_until_an_admin_tags_a_device(tmp
     assert "SYSTEMD_WANTS" not in props and "REMOTE_HW_EXPORT" not in props
 
 
+@pytest.mark.root
 @needs_udev
 def test_a_tagged_tty_starts_the_export_unit_through_systemd(tmp_path):
     name = a_tty()
@@ -121,6 +122,7 @@ def test_a_tagged_tty_starts_the_export_unit_through_systemd(tmp_path):
     assert "RUN" not in props
 
 
+@pytest.mark.root
 @needs_udev
 def test_removal_starts_nothing(tmp_path):
     name = a_tty()
@@ -128,15 +130,17 @@ def test_removal_starts_nothing(tmp_path):
     assert problems == [] and "SYSTEMD_WANTS" not in props
 
 
+@pytest.mark.root
 @needs_udev
 def test_every_example_match_is_valid_syntax(tmp_path):
-    examples = "".join(l[1:] + "\n" for l in (RULES / LOCAL_RULES).read_text().splitlines()
-                       if l.startswith("#SUBSYSTEM"))
+    examples = "".join(ln[1:] + "\n" for ln in (RULES / LOCAL_RULES).read_text().splitlines()
+                       if ln.startswith("#SUBSYSTEM"))
     assert examples.count("\n") >= 3
     props, problems = udevadm_test(rules_dir(tmp_path, examples), a_tty())
     assert problems == []
 
 
+@pytest.mark.root
 @needs_udev
 def test_the_checker_catches_a_broken_rule(tmp_path):
     broken = 'SUBSYSTEM=="tty", FOO{bar}=="1", ENV{REMOTE_HW_EXPORT}="1"\n'
@@ -144,6 +148,7 @@ def test_the_checker_catches_a_broken_rule(tmp_path):
     assert problems and "Invalid key" in problems[0]
 
 
+@pytest.mark.root
 @needs_udev
 def test_udevadm_test_leaves_the_real_dev_alone(tmp_path):
     name = a_tty()
@@ -269,21 +274,6 @@ def test_install_units_rejects_bad_arguments(tmp_path):
 
 # ------------------------------------------------------------------ the hot-plug path
 
-class Pty:
-    def __init__(self) -> None:
-        self.master, slave = os.openpty()
-        self.path = os.ttyname(slave)
-        os.close(slave)
-
-    def read(self, n: int) -> bytes:
-        import select
-        out = b""
-        while len(out) < n:
-            assert select.select([self.master], [], [], 10)[0], f"got only {out!r}"
-            out += os.read(self.master, n - len(out))
-        return out
-
-
 def _drive(address: tuple[str, int], device: str, pty: Pty) -> None:
     """A client VM's view of the exported port: transmit, then receive."""
     link = ServerLink("x", address, client_name="udev-test").connect()
@@ -318,20 +308,13 @@ def test_export_of_a_pty_serves_a_16550_to_a_client():
         finally:
             server.stop()
     finally:
-        os.close(pty.master)
+        pty.close()
 
 
-def _cli_has_export() -> bool:
-    r = subprocess.run(remote_hw_cmd("export", "--help"), capture_output=True, text=True,
-                       cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    return r.returncode == 0
-
-
+@pytest.mark.fuse
 def test_the_units_exec_start_exports_a_pty(tmp_path):
     """The command remote-hw-export@.service runs, with a pty as the device (%I); its
     FUSE view goes to a temporary directory instead of /run/remote-hw."""
-    if not _cli_has_export():
-        pytest.skip("`remote-hw export` is not in the CLI yet (integration pending)")
     exec_start = unit("remote-hw-export@.service")["Service.ExecStart"][0]
     pty = Pty()
     try:
@@ -349,4 +332,4 @@ def test_the_units_exec_start_exports_a_pty(tmp_path):
             assert proc.stop() == 0, proc.output()
         assert not (tmp_path / "mnt").exists()          # unmounted on SIGTERM
     finally:
-        os.close(pty.master)
+        pty.close()

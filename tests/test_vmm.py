@@ -8,19 +8,28 @@ guests. No wall-clock assertions: timeouts only bound a broken run.
 from __future__ import annotations
 
 import ctypes
-import os
 import struct
 import threading
 
 import pytest
 
-from remote_hw.client.vmm import (Bus, GuestExit, GuestMemoryError, GuestRam, ImageError,
-                                  STATUS_HALTED, STATUS_RESET, Vm, VmError, VmTimeout,
-                                  debug_exit_status, kvm, parse_image)
+from remote_hw.client.vmm import (
+    STATUS_HALTED,
+    STATUS_RESET,
+    Bus,
+    GuestExit,
+    GuestMemoryError,
+    GuestRam,
+    ImageError,
+    Vm,
+    VmError,
+    VmTimeout,
+    debug_exit_status,
+    kvm,
+    parse_image,
+)
 from remote_hw.client.vmm.loader import BOOT_AREA, RAW_LOAD_ADDR
 
-needs_kvm = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK),
-                               reason="needs read/write access to /dev/kvm")
 RUN_TIMEOUT = 30      # seconds; only bounds a broken run
 
 # --------------------------------------------------------------- hand-made guests
@@ -204,7 +213,7 @@ def test_loader_kinds_and_errors():
     assert BOOT_AREA == (0x500, 0x8000)
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_load_image_errors_from_vm(vm, tmp_path):
     with pytest.raises(ImageError):
         vm.load_image(str(tmp_path / "missing.bin"))
@@ -216,7 +225,7 @@ def test_load_image_errors_from_vm(vm, tmp_path):
 
 # ------------------------------------------------------------------------ memory
 
-@needs_kvm
+@pytest.mark.kvm
 def test_guest_ram_read_write_bounds():
     ram = GuestRam(64 << 10)
     try:
@@ -236,20 +245,20 @@ def test_guest_ram_read_write_bounds():
 
 # ------------------------------------------------------------------ running guests
 
-@needs_kvm
+@pytest.mark.kvm
 def test_debug_exit_status(vm):
     vm.load_image(DEBUG_EXIT_2A)
     assert vm.run(timeout=RUN_TIMEOUT) == (0x2A << 1) | 1
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_cli_hlt_is_status_zero(vm):
     vm.load_image(CLI_HLT)
     assert vm.run(timeout=RUN_TIMEOUT) == STATUS_HALTED
     assert vm.regs()["rip"] == RAW_LOAD_ADDR + 2
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_sti_hlt_waits_for_interrupts(vm):
     vm.load_image(STI_HLT)
     with pytest.raises(VmTimeout):
@@ -258,7 +267,7 @@ def test_sti_hlt_waits_for_interrupts(vm):
     assert vm.run(timeout=RUN_TIMEOUT) == 9
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_unmapped_reads_all_ones(vm):
     vm.load_image(UNMAPPED)
     reads, writes = vm.bus.unmapped_reads, vm.bus.unmapped_writes
@@ -270,7 +279,7 @@ def test_unmapped_reads_all_ones(vm):
     assert vm.bus.unmapped_writes - writes == 1
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_port_handler_offsets_sizes_values(vm):
     dev = Recorder({2: 0x5A, 1: 0x12345678})
     vm.bus.map_ports(0x500, 0x503, dev)
@@ -280,7 +289,7 @@ def test_port_handler_offsets_sizes_values(vm):
     assert vm.memory.read_u32(0x600) == 0x12345678
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_stop_from_another_thread(vm):
     vm.load_image(SPIN)
     timer = threading.Timer(0.2, vm.stop, (1234,))
@@ -295,7 +304,7 @@ def test_stop_from_another_thread(vm):
     assert e.value.regs["rip"] == RAW_LOAD_ADDR
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_triple_fault_raises_with_registers(vm):
     vm.load_image(TRIPLE_FAULT)
     with pytest.raises(VmError) as e:
@@ -305,7 +314,7 @@ def test_triple_fault_raises_with_registers(vm):
     assert e.value.status & 0x200
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_crash_exit_raises_with_registers(vm):
     vm.load_image(INT3_NO_IDT)
     with pytest.raises(VmError) as e:
@@ -314,7 +323,7 @@ def test_crash_exit_raises_with_registers(vm):
     assert "rip=0x100000" in str(e.value) and e.value.regs["rip"] == 0x100000
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_handler_exception_propagates(vm):
     class Boom(Recorder):
         def write(self, offset, size, value):
@@ -337,7 +346,7 @@ class ResetOnFirstWrite(Recorder):
             self.vm.device_event("reset-request")
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_reset_request_exit(vm):
     dev = ResetOnFirstWrite(vm)
     vm.bus.map_ports(0x510, 0x510, dev)
@@ -347,7 +356,7 @@ def test_reset_request_exit(vm):
     assert len(dev.log) == 1
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_reset_request_restart():
     with Vm(mem_size=1 << 20, reset_action="restart") as vm:
         dev = ResetOnFirstWrite(vm)
@@ -358,7 +367,7 @@ def test_reset_request_restart():
         assert len(dev.log) == 2                    # the guest ran twice
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_reset_during_pending_in_restarts_cleanly():
     # mov dx, 0x510 ; in al, dx ; out 0xf4, al -- the reset is requested inside the IN
     # handler, so KVM still owes the guest that IN's completion when the registers are
@@ -379,7 +388,7 @@ def test_reset_during_pending_in_restarts_cleanly():
         assert vm.resets == 1 and len(dev.log) == 2
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_guest_exit_from_in_handler_then_reload(vm):
     # The run ends inside an IN (the handler raises GuestExit): the IN's completion is
     # still pending in KVM and must not be applied to the next image's registers.
@@ -394,7 +403,7 @@ def test_guest_exit_from_in_handler_then_reload(vm):
     assert vm.run(timeout=RUN_TIMEOUT) == debug_exit_status(0x2A)
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_request_restart_overrides_reset_action(vm):
     class RestartOnFirstWrite(ResetOnFirstWrite):
         def write(self, offset, size, value):
@@ -409,7 +418,7 @@ def test_request_restart_overrides_reset_action(vm):
     assert vm.resets == 1 and len(dev.log) == 2
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_reload_image_after_run(vm):
     vm.load_image(DEBUG_EXIT_2A)
     assert vm.run(timeout=RUN_TIMEOUT) == debug_exit_status(0x2A)
@@ -418,7 +427,7 @@ def test_reload_image_after_run(vm):
     assert vm.memory.read(0x502, 2) == b"\xff\xff"
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_two_vms_concurrently():
     n = 300
     results: dict[int, object] = {}
@@ -449,7 +458,7 @@ def test_two_vms_concurrently():
             machine.close()
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_set_irq_validates_line(vm):
     vm.set_irq(4, 1)
     vm.set_irq(4, 0)

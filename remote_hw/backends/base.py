@@ -12,12 +12,23 @@ nbdkit plugin it is small and has a fixed life cycle:
 3. ``from_guest(data)`` is called by the server with bytes the guest transmitted; it
    must not block for long (it runs on the request path);
 4. ``close()``: stop threads, close sockets and files; idempotent.
+
+A backend either carries bytes (:class:`StreamBackend`: TCP, file, tty; its device is
+a :class:`~remote_hw.devices.base.StreamDevice`) or key events
+(:class:`KeyBackend`: a real keyboard; ``start(sink)`` gets a
+:class:`~remote_hw.input.keys.KeySink` instead of ``to_guest``, and its device must
+be a keyboard). Before any of that, the server calls the class's ``check(arg)`` once
+when it starts, so what this machine lacks (a kernel device, a module) stops the
+server at once with one sentence instead of failing a VM's attach later.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
+
+from remote_hw.input.keys import KeySink
 
 ToGuest = Callable[[bytes], None]
 
@@ -26,8 +37,14 @@ class BackendError(ValueError):
     """A backend argument is wrong or its resource cannot be opened."""
 
 
-class StreamBackend(ABC):
-    """A byte-stream far side (see the module docstring for the life cycle)."""
+class BackendUnavailable(BackendError):
+    """The argument is fine but this machine lacks what the backend needs (a kernel
+    device, a Python module): not a usage error, so the server exits with status 1."""
+
+
+class Backend(ABC):
+    """What every far side has: its argument, label, index, and the life cycle's
+    ``check`` and ``close`` (see the module docstring)."""
 
     name: ClassVar[str]
 
@@ -35,6 +52,25 @@ class StreamBackend(ABC):
         self.arg = arg
         self.label = label
         self.index = index
+
+    @classmethod
+    def check(cls, arg: str) -> None:  # noqa: B027  (optional: a no-op unless overridden)
+        """Raise BackendError (or BackendUnavailable) if ``arg`` cannot work on this
+        machine; called once when the server starts. Most backends find out only when
+        they open (a port may be free now and taken later), so the default checks
+        nothing."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop and release everything; safe to call twice."""
+
+    def describe(self) -> str:
+        """One line for logs and status: where a person reaches this backend."""
+        return f"{self.name}:{self.arg}"
+
+
+class StreamBackend(Backend):
+    """A byte-stream far side (see the module docstring for the life cycle)."""
 
     @abstractmethod
     def start(self, to_guest: ToGuest) -> None:
@@ -44,10 +80,11 @@ class StreamBackend(ABC):
     def from_guest(self, data: bytes) -> None:
         """Take bytes the guest transmitted."""
 
-    @abstractmethod
-    def close(self) -> None:
-        """Stop and release everything; safe to call twice."""
 
-    def describe(self) -> str:
-        """One line for logs and status: where a person reaches this backend."""
-        return f"{self.name}:{self.arg}"
+class KeyBackend(Backend):
+    """A far side that produces key events (a keyboard), for a keyboard model."""
+
+    @abstractmethod
+    def start(self, sink: KeySink) -> None:
+        """Begin serving; deliver key presses and releases through ``sink.key``
+        (thread-safe, provided by the server)."""

@@ -27,8 +27,7 @@ import termios
 from dataclasses import dataclass
 from typing import Any
 
-from remote_hw.config import (ConfigError, DeviceSpec, check_ident, parse_address,
-                              parse_int)
+from remote_hw.config import ConfigError, DeviceSpec, check_ident, parse_address, parse_int
 
 from .base import BackendError
 from .queued import OUT_LIMIT, QueuedStreamBackend  # noqa: F401  (OUT_LIMIT kept here)

@@ -3,26 +3,30 @@
 One agent process runs any number of VMs. It keeps one :class:`ServerLink` per
 server, shared by all VMs; each mapped guest range becomes a :class:`RemoteDevice` on
 the VM's bus. Interrupts and events that arrive on a link carry a VM id and a device
-id, and are delivered to exactly that VM's interrupt line.
+id, and are delivered to exactly that VM's interrupt line. Key events a server's
+keyboard publishes go to the VM's virtual keyboards on this host, if it asked for
+them (``--uinput``, :mod:`remote_hw.client.key_mirror`), and are dropped otherwise.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from remote_hw.net.link import LinkError, ServerLink
+from remote_hw.client.key_mirror import KeyMirror, VirtualKeyboard, uinput_keyboard
 from remote_hw.client.vmm.bus import Bus
 from remote_hw.client.vmm.vm import Vm
+from remote_hw.config import MapSpec, VmConfig
+from remote_hw.input.uinput import UinputUnavailable
+from remote_hw.net.link import LinkError, ServerLink
+from remote_hw.net.security import TlsConfig
+from remote_hw.protocol.messages import AccessKind, Direction, Status
 
 # Status of a VM whose guest crashed (the monitor raised VmError; its message, with the
 # registers, is in VmHandle.error).
 STATUS_CRASHED = 0x200
-from remote_hw.config import MapSpec, VmConfig
-from remote_hw.protocol.messages import AccessKind, Direction, Status
-from remote_hw.net.security import TlsConfig
 
 log = logging.getLogger("remote_hw.client")
 
@@ -108,11 +112,16 @@ class Agent:
     def __init__(self, servers: dict[str, tuple[str, int]], *, timeout: float = 5.0,
                  client_name: str = "agent", vias: dict[str, str] | None = None,
                  tls: TlsConfig | None = None, probes: bool = False,
-                 link_factory: Callable[..., ServerLink] = ServerLink) -> None:
+                 link_factory: Callable[..., ServerLink] = ServerLink,
+                 open_keyboard: Callable[[str], VirtualKeyboard] = uinput_keyboard) -> None:
         # server name -> entry server name, for servers reached through another one
         self.vias = dict(vias or {})
-        # (link, vm id, device) -> (vm, guest irq): the delivery table for interrupts.
-        self._irq_routes: dict[tuple[str, int, str], tuple[VmHandle, int]] = {}
+        # keyboards of this host re-emitting devices' key events (VmConfig.uinput)
+        self.key_mirror = KeyMirror(open_keyboard)
+        # (link, vm id, device, line) -> (vm, guest irq): the delivery table for
+        # interrupts. The line is the device's own numbering (the i8042: 0 keyboard,
+        # 1 mouse), carried by every INTERRUPT.
+        self._irq_routes: dict[tuple[str, int, str, int], tuple[VmHandle, int]] = {}
         self.links: dict[str, ServerLink] = {
             name: link_factory(name, addr, client_name=client_name, timeout=timeout,
                                on_interrupt=self._interrupt_cb(name),
@@ -131,13 +140,18 @@ class Agent:
         """Create the VM, load its image and map its ranges (not yet attached)."""
         if config.vm_id in self.vms:
             raise ValueError(f"vm id {config.vm_id} is used twice")
+        self._mirror_keys(config)  # first: a host without /dev/uinput says so before KVM
         bus = Bus()
-        vm = Vm(mem_size=config.memory, bus=bus, name=f"vm{config.vm_id}",
-                reset_action="restart" if config.on_reset == "restart" else "exit")
+        try:
+            vm = Vm(mem_size=config.memory, bus=bus, name=f"vm{config.vm_id}",
+                    reset_action="restart" if config.on_reset == "restart" else "exit")
+        except BaseException:
+            self.key_mirror.remove_vm(config.vm_id)
+            raise
         try:
             vm.load_image(config.image)
             handle = VmHandle(config, vm)
-            routes = {}
+            routes: dict[tuple[str, int, str, int], tuple[VmHandle, int]] = {}
             for spec in config.maps:
                 link = self.links.get(spec.server)
                 target = ""
@@ -152,16 +166,32 @@ class Agent:
                 else:
                     bus.map_mmio(spec.start, spec.end, dev)
                 handle.devices.append(dev)
-                if spec.irq is not None:
-                    routes[(link.name, config.vm_id, spec.device)] = (handle, spec.irq)
+                for line, irq in enumerate(spec.irqs):
+                    routes[(link.name, config.vm_id, spec.device, line)] = (handle, irq)
         except BaseException:
             vm.close()
+            self.key_mirror.remove_vm(config.vm_id)
             raise
         self._irq_routes.update(routes)
         if self.probes is not None:
             self.probes.publish_vm(vm, config.maps, vm_id=config.vm_id)
         self.vms[config.vm_id] = handle
         return handle
+
+    def _mirror_keys(self, config: VmConfig) -> None:
+        """Open a virtual keyboard on this host for each device in ``config.uinput``,
+        routed from the link that device's events arrive on (its entry server's, for a
+        device reached through another). Raises UinputUnavailable naming the device."""
+        for ref in config.uinput:
+            link = ref.server if ref.server in self.links else self.vias.get(ref.server, "")
+            if link not in self.links:
+                self.key_mirror.remove_vm(config.vm_id)
+                raise ValueError(f"vm {config.vm_id}: no server named {ref.server!r}")
+            try:
+                self.key_mirror.add(link, config.vm_id, ref.device, str(ref))
+            except UinputUnavailable as e:
+                self.key_mirror.remove_vm(config.vm_id)
+                raise UinputUnavailable(f"{ref}: {e}") from None
 
     def connect(self) -> None:
         """Connect every link and attach every mapped device; raises with the reason."""
@@ -179,12 +209,17 @@ class Agent:
 
     def _interrupt_cb(self, server: str) -> Callable[[int, str, int, bool, int], None]:
         routes = self._irq_routes
+        unrouted: set[tuple[str, int, str, int]] = set()
 
         def deliver(vm_id: int, device: str, line: int, level: bool, client_id: int) -> None:
-            route = routes.get((server, vm_id, device))
+            key = (server, vm_id, device, line)
+            route = routes.get(key)
             if route is None:
-                log.warning("server %s sent an interrupt for vm %d device %s, which this "
-                            "agent does not route; dropped", server, vm_id, device)
+                if key not in unrouted:  # once per line: a busy line must not flood the log
+                    unrouted.add(key)
+                    log.warning("server %s sent an interrupt for vm %d device %s line %d, "
+                                "which this agent does not route (no irq for that line in "
+                                "--map); dropped", server, vm_id, device, line)
                 return
             handle, irq = route
             handle.interrupts += 1
@@ -193,6 +228,8 @@ class Agent:
 
     def _event_cb(self, server: str) -> Callable[[int, str, str, int], None]:
         def deliver(vm_id: int, device: str, name: str, client_id: int) -> None:
+            if self.key_mirror.deliver(server, vm_id, device, name):
+                return  # a key typed into a server's keyboard (--uinput)
             handle = self.vms.get(vm_id)
             if handle is None:
                 log.warning("server %s sent event %s for unknown vm %d", server, name, vm_id)
@@ -243,6 +280,7 @@ class Agent:
                 for vm_id in self.vms:
                     link.detach(vm_id)
             link.close()
+        self.key_mirror.close()  # after the links: no key event arrives any more
         for handle in self.vms.values():
             log.info("vm %d: %d accesses forwarded, %d interrupt changes delivered",
                      handle.config.vm_id, sum(d.forwarded for d in handle.devices),

@@ -13,7 +13,8 @@ port I/O and MMIO exits present them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Protocol
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
 
 class IrqLine(Protocol):
@@ -57,6 +58,10 @@ class Device(ABC):
 
     kind: ClassVar[str]
     window: ClassVar[int]
+    #: The constructor keywords of the model's interrupt lines, in line order: line
+    #: ``n`` is ``irq_lines[n]``, the ``line`` field of the wire's INTERRUPT, which a
+    #: client maps to a guest IRQ (``irq=1:12``). Most devices have the one line.
+    irq_lines: ClassVar[tuple[str, ...]] = ("irq",)
 
     def __init__(self, irq: IrqLine | None = None, events: EventSink | None = None,
                  dma: GuestMemory | None = None, **options: Any) -> None:
@@ -99,3 +104,49 @@ class StreamDevice(Device):
     @abstractmethod
     def feed(self, data: bytes) -> None:
         """Queue ``data`` for the guest to receive (raises the interrupt as due)."""
+
+
+class ByteRegisters(Device):
+    """A device whose registers are each one byte wide: the PC's 8-bit ISA devices
+    (UART, CMOS clock, keyboard controller) and most small plugins.
+
+    Subclasses implement :meth:`read_byte` and :meth:`write_byte`; this class turns a
+    2-, 4- or 8-byte access into byte accesses at consecutive offsets, low byte first,
+    as the ISA bus does for an 8-bit device (so a 16-bit ``inw`` from offset 0 reads
+    offset 0, then offset 1). Bytes outside ``0 <= offset < window`` read 0xFF and
+    are not written, so the two methods only ever see offsets inside the window and
+    byte values. Each model used to repeat this loop with its own small differences;
+    here it is written, and tested, once.
+
+    Work a model does once per access rather than per byte (bring a clock up to date
+    first, recompute the interrupt line after) goes in an override of ``read`` /
+    ``write`` that calls ``super()``.
+    """
+
+    @abstractmethod
+    def read_byte(self, offset: int) -> int:
+        """The byte the guest reads at ``offset`` (``0 <= offset < window``)."""
+
+    @abstractmethod
+    def write_byte(self, offset: int, value: int) -> None:
+        """Apply the guest's write of the byte ``value`` at ``offset``."""
+
+    def read(self, offset: int, size: int) -> int:
+        """Read ``size`` bytes as byte reads, low byte first (see the class)."""
+        window = self.window
+        if size == 1:  # nearly every access to an 8-bit device: no loop
+            return self.read_byte(offset) & 0xFF if 0 <= offset < window else 0xFF
+        value = 0
+        for i in range(size):
+            off = offset + i
+            b = self.read_byte(off) & 0xFF if 0 <= off < window else 0xFF
+            value |= b << (8 * i)
+        return value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Write ``size`` bytes of ``value`` as byte writes, low byte first."""
+        window = self.window
+        for i in range(size):
+            off = offset + i
+            if 0 <= off < window:
+                self.write_byte(off, (value >> (8 * i)) & 0xFF)

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
-from .base import Device
+from .base import ByteRegisters
 
 REG_SECONDS = 0x00
 REG_SECONDS_ALARM = 0x01
@@ -99,7 +100,7 @@ def _periodic_hz(reg_a: int) -> int:
     return 65536 >> rs
 
 
-class CmosRtc(Device):
+class CmosRtc(ByteRegisters):
     """An MC146818A-compatible RTC with 128 bytes of CMOS RAM.
 
     Options: ``clock`` - a callable returning the current UTC epoch as a float
@@ -147,34 +148,35 @@ class CmosRtc(Device):
     # -- the Device interface ----------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
-        """Offset 0 (index port) reads 0xFF, as on chipsets where it is write-only;
-        offset 1 returns the selected register. Wider accesses are split in bytes."""
+        """Bring the flags up to date once, read the bytes (ByteRegisters splits a
+        wide access), then recompute the interrupt line."""
         self._evaluate()
-        value = 0
-        for i in range(size):
-            off = offset + i
-            if off == 1:
-                idx = self.index
-                b = self._readers.get(idx, self._read_ram)(idx)
-            else:
-                b = 0xFF
-            value |= b << (8 * i)
+        value = super().read(offset, size)
         self._update_irq()
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
-        """Offset 0 selects a register (bit 7: NMI mask); offset 1 writes it."""
+        """As ``read``: flags first, the bytes, then the interrupt line."""
         self._evaluate()
-        for i in range(size):
-            off = offset + i
-            b = (value >> (8 * i)) & 0xFF
-            if off == 0:
-                self.index = b & 0x7F
-                self.nmi_masked = bool(b & 0x80)
-            elif off == 1:
-                idx = self.index
-                self._writers.get(idx, self._write_ram)(idx, b)
+        super().write(offset, size, value)
         self._update_irq()
+
+    def read_byte(self, offset: int) -> int:
+        """Offset 0 (index port) reads 0xFF, as on chipsets where it is write-only;
+        offset 1 returns the selected register."""
+        if offset != 1:
+            return 0xFF
+        idx = self.index
+        return self._readers.get(idx, self._read_ram)(idx)
+
+    def write_byte(self, offset: int, value: int) -> None:
+        """Offset 0 selects a register (bit 7: NMI mask); offset 1 writes it."""
+        if offset == 0:
+            self.index = value & 0x7F
+            self.nmi_masked = bool(value & 0x80)
+        else:
+            idx = self.index
+            self._writers.get(idx, self._write_ram)(idx, value)
 
     def reset(self) -> None:
         """A RESET pulse: clears PIE, AIE, UIE, SQWE and the flags; keeps the time."""

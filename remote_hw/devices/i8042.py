@@ -18,8 +18,12 @@ Three parts, as on a PC:
   standard mouse commands and never moves.
 
 The key-event backend (the server's stream backend) talks to :meth:`I8042.feed`: UTF-8
-text to type, with key names in angle brackets (syntax in :class:`KeyText`). Host code
-calls :meth:`I8042.key_event` (one press or release) or :meth:`I8042.type_text`.
+text to type, with key names in angle brackets (syntax in
+:class:`remote_hw.input.keytext.KeyText`). Host code (the evdev backend, the FUSE
+view) calls :meth:`I8042.key_event` (one press or release) or :meth:`I8042.type_text`.
+Every key the host side types is also published as a device event ``key.CODE.0|1``
+(:mod:`remote_hw.input.device_events`), so a client can re-emit the keyboard on its
+own host (``remote-hw vm --uinput``).
 
 Interrupts: ``irq`` is IRQ 1 (output buffer holds keyboard-side data and command-byte
 bit 0 is set); ``aux_irq`` (keyword, default unconnected) is IRQ 12. When the guest reads
@@ -33,13 +37,15 @@ Deliberate differences from the hardware are listed in docs/devices.md.
 
 from __future__ import annotations
 
-import codecs
 from collections import deque
 from typing import Any
 
-from remote_hw.backends import keys as keymap
+from remote_hw.input import keys as keymap
+from remote_hw.input.device_events import key_event_name
+from remote_hw.input.keytext import KeyText
+from remote_hw.input.scancodes import scancodes
 
-from .base import EVENT_RESET_REQUEST, IrqLine, NullIrq, StreamDevice
+from .base import EVENT_RESET_REQUEST, ByteRegisters, IrqLine, NullIrq, StreamDevice
 
 DATA = 0          # port 0x60
 STATUS = 4        # port 0x64: read status, write command
@@ -113,140 +119,6 @@ def translate(data: bytes) -> bytes:
         out.append(XLAT_TABLE[b] | (0x80 if brk else 0))
         brk = False
     return bytes(out)
-
-
-# -- the key-event stream syntax ------------------------------------------------------
-
-# QEMU-style names and other spellings people type, on top of keys.ALIASES.
-EXTRA_ALIASES = {
-    "ret": "KEY_ENTER", "spc": "KEY_SPACE", "caps": "KEY_CAPSLOCK",
-    "shift_r": "KEY_RIGHTSHIFT", "ctrl_r": "KEY_RIGHTCTRL", "alt_r": "KEY_RIGHTALT",
-    "meta_l": "KEY_LEFTMETA", "meta_r": "KEY_RIGHTMETA", "print": "KEY_SYSRQ",
-    "lt": "<", "gt": ">",
-}
-_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+-")
-MAX_NAME = 40
-
-
-def key_events_for_name(name: str) -> list[tuple[int, bool]]:
-    """The key events of one bracketed name (without the brackets).
-
-    ``NAME`` taps a key; ``A-B-C`` (or ``A+B+C``) presses A, B, C in order and
-    releases them in reverse (``ctrl-c``, ``ctrl-alt-delete``, ``shift-f1``); ``+NAME``
-    only presses and ``-NAME`` only releases. A name is a ``KEY_*`` name, an alias of
-    remote_hw.backends.keys (``enter``, ``esc``, ``ctrl``, ...), the same with
-    underscores (``caps_lock``, ``page_up``), a QEMU key name (``ret``, ``spc``,
-    ``shift_r``) or a single character (``a``, ``!``). Raises keys.UnknownKey.
-    """
-    if len(name) > 1 and name[0] in "+-":
-        return [(_one_key(name[1:])[-1], name[0] == "+")]
-    parts = name.replace("+", "-").split("-")
-    if not all(parts):
-        raise keymap.UnknownKey(f"bad key name <{name}>")
-    chord: list[int] = []
-    for part in parts:
-        for code in _one_key(part):
-            if code not in chord:
-                chord.append(code)
-    return keymap.tap(chord)
-
-
-def _one_key(part: str) -> list[int]:
-    """[modifiers..., key] for one name part (a shifted character brings its shift)."""
-    alias = EXTRA_ALIASES.get(part.lower())
-    if alias is not None:
-        part = alias
-    if len(part) == 1 and not part.isalnum():
-        key, mods = keymap.char_keys(part)
-        return [*mods, key]
-    try:
-        return [keymap.key_code(part)]
-    except keymap.UnknownKey:
-        if "_" in part:
-            return [keymap.key_code(part.replace("_", ""))]
-        raise
-
-
-class KeyText:
-    """Incremental parser of the key-event stream: text in, key events out.
-
-    * Characters are typed on a US layout (capitals and symbols with Shift); ``\\n``,
-      ``\\r`` and ``\\r\\n`` are one Enter, ``\\t`` Tab, ``\\b`` Backspace, ESC Escape,
-      control characters Ctrl+letter.
-    * ``<name>`` is a key or chord (see :func:`key_events_for_name`): ``<enter>``,
-      ``<f1>``, ``<ctrl-c>``, ``<caps_lock>``, ``<+shift>``/``<-shift>``.
-    * ``<<`` types ``<``. A ``<`` that does not begin a well-formed ``<name>`` (a name
-      is 1-40 of ``A-Z a-z 0-9 _ + -``) is typed as it is, as is ``>`` on its own; an
-      unknown name is skipped and counted in ``errors``.
-
-    The input may be split anywhere (even inside a UTF-8 sequence or a ``<name>``): an
-    open ``<name`` waits for the next chunk; :meth:`flush` types it literally.
-    """
-
-    def __init__(self, markup: bool = True) -> None:
-        self.markup = markup            # False: every character is text, '<' too
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._open: str | None = None   # text of an unfinished <name, without '<'
-        self._after_cr = False
-        self.errors = 0
-
-    def feed(self, data: bytes | str) -> list[tuple[int, bool]]:
-        text = self._decoder.decode(data) if isinstance(data, (bytes, bytearray)) else data
-        out: list[tuple[int, bool]] = []
-        for ch in text:
-            self._char(ch, out)
-        return out
-
-    def flush(self) -> list[tuple[int, bool]]:
-        """End of input: an unfinished ``<name`` is typed as text."""
-        out: list[tuple[int, bool]] = []
-        for ch in self._decoder.decode(b"", True):
-            self._char(ch, out)
-        if self._open is not None:
-            pending, self._open = self._open, None
-            self._type("<", out)
-            for ch in pending:
-                self._type(ch, out)
-        return out
-
-    def _char(self, ch: str, out: list[tuple[int, bool]]) -> None:
-        name = self._open
-        if name is None:
-            if ch == "<" and self.markup:
-                self._open = ""
-            else:
-                self._type(ch, out)
-            return
-        if ch == "<" and name == "":
-            self._open = None
-            self._type("<", out)            # "<<": a literal '<'
-        elif ch == ">" and name:
-            self._open = None
-            self._after_cr = False
-            try:
-                out.extend(key_events_for_name(name))
-            except keymap.UnknownKey:
-                self.errors += 1
-        elif ch in _NAME_CHARS and len(name) < MAX_NAME:
-            self._open = name + ch
-        else:                               # not a name after all: type it as text
-            self._open = None
-            self._type("<", out)
-            for c in name:
-                self._type(c, out)
-            self._char(ch, out)
-
-    def _type(self, ch: str, out: list[tuple[int, bool]]) -> None:
-        if ch == "\n" and self._after_cr:
-            self._after_cr = False
-            return
-        self._after_cr = ch == "\r"
-        try:
-            key, mods = keymap.char_keys(ch)
-        except keymap.UnknownKey:
-            self.errors += 1
-            return
-        out.extend(keymap.tap((*mods, key)))
 
 
 # -- the devices behind the two ports -------------------------------------------------
@@ -347,7 +219,7 @@ class _PS2Keyboard:
             return False
         held = self.held
         if pressed:
-            data = keymap.scancodes(code, True, self.codeset)
+            data = scancodes(code, True, self.codeset)
             if len(self.scan) + len(data) > self.backlog:
                 return False
             held.add(code)
@@ -355,7 +227,7 @@ class _PS2Keyboard:
             if code not in held:
                 return False
             held.discard(code)
-            data = keymap.scancodes(code, False, self.codeset)
+            data = scancodes(code, False, self.codeset)
         self.scan.extend(data)
         return True
 
@@ -456,7 +328,7 @@ class _PS2Mouse:
 
 # -- the controller ------------------------------------------------------------------
 
-class I8042(StreamDevice):
+class I8042(ByteRegisters, StreamDevice):
     """The PC's keyboard controller with a PS/2 keyboard and (optionally) a mouse.
 
     Options: ``aux`` = ``mouse`` (default: an idle PS/2 mouse on the aux port) or
@@ -468,6 +340,7 @@ class I8042(StreamDevice):
 
     kind = "i8042"
     window = WINDOW
+    irq_lines = ("irq", "aux_irq")  # line 0: IRQ 1 (keyboard), line 1: IRQ 12 (mouse)
 
     def __init__(self, *args: Any, aux: str = "mouse", backlog: int | str = DEFAULT_BACKLOG,
                  aux_irq: IrqLine | None = None, **kwargs: Any) -> None:
@@ -538,33 +411,35 @@ class I8042(StreamDevice):
     # -- the Device interface ------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
-        """Read port 0x60 (offset 0) or 0x64 (offset 4); other bytes read 0xFF. Wider
-        accesses are split into byte reads, low byte first."""
-        value = 0
-        for i in range(size):
-            off = offset + i
-            if off == DATA:
-                b = self._read_data()
-            elif off == STATUS:
-                b = self._status()
-            else:
-                b = 0xFF
-            value |= b << (8 * i)
+        """Read the port(s) (ByteRegisters splits a wide access), then recompute the
+        interrupt lines once."""
+        value = super().read(offset, size)
         self._update_irq()
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
-        for i in range(size):
-            off = offset + i
-            b = (value >> (8 * i)) & 0xFF
-            if off == DATA:
-                self._last_cmd_port = False
-                self._write_data(b)
-            elif off == STATUS:
-                self._last_cmd_port = True
-                self._write_command(b)
+        """Write the port(s), then move waiting bytes into the output buffer and
+        recompute the interrupt lines once."""
+        super().write(offset, size, value)
         self._pump()
         self._update_irq()
+
+    def read_byte(self, offset: int) -> int:
+        """Port 0x60 (offset 0) or 0x64 (offset 4); offsets 1-3 read 0xFF."""
+        if offset == DATA:
+            return self._read_data()
+        if offset == STATUS:
+            return self._status()
+        return 0xFF
+
+    def write_byte(self, offset: int, value: int) -> None:
+        """Data to port 0x60 or a command to 0x64; offsets 1-3 ignore writes."""
+        if offset == DATA:
+            self._last_cmd_port = False
+            self._write_data(value)
+        elif offset == STATUS:
+            self._last_cmd_port = True
+            self._write_command(value)
 
     def feed(self, data: bytes) -> None:
         """The key-event backend's stream: text and <key names> (see KeyText)."""
@@ -598,7 +473,7 @@ class I8042(StreamDevice):
         self._update_irq()
         return ok
 
-    key = key_event     # remote_hw.backends.keys.KeySink
+    key = key_event     # remote_hw.input.keys.KeySink
 
     def status(self) -> dict[str, Any]:
         cb = self.ram[0]
@@ -697,11 +572,17 @@ class I8042(StreamDevice):
     # -- the host side -------------------------------------------------------------------
 
     def _key(self, code: int, pressed: bool) -> bool:
+        """Queue one key for the guest and publish it (see the module docstring).
+
+        The key is published even when the guest's keyboard drops it (scanning off,
+        backlog full): a client re-emitting this keyboard mirrors what was typed, not
+        what the guest chose to take."""
         try:
             ok = self.kbd.key(code, pressed)
         except keymap.UnknownKey:
             self.bad_input += 1
             return False
+        self.events(key_event_name(code, pressed))
         if ok:
             self.key_events += 1
         else:

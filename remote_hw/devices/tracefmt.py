@@ -22,8 +22,9 @@ from __future__ import annotations
 import gzip
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, TextIO
+from typing import TextIO
 
 __all__ = [
     "TraceRecord", "Trace", "TraceFormatError", "ACCESS_OPS", "LEVEL_OPS", "BYTE_OPS",
@@ -151,7 +152,7 @@ def _open_text(path: str | os.PathLike[str]) -> TextIO:
         magic = f.read(2)
     if magic == b"\x1f\x8b":
         return gzip.open(path, "rt", encoding="ascii", newline=None)
-    return open(path, "r", encoding="ascii", newline=None)
+    return open(path, encoding="ascii", newline=None)
 
 
 def read_trace(path: str | os.PathLike[str]) -> Trace:
@@ -211,9 +212,9 @@ def write_trace(path: str | os.PathLike[str], lines: Iterable[TraceRecord | str]
     data = ("\n".join(out) + "\n").encode("ascii")
     p = os.fspath(path)
     if p.endswith(".gz"):
-        with open(p, "wb") as f:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0, compresslevel=9) as g:
-                g.write(data)
+        with open(p, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0,
+                                                compresslevel=9) as g:
+            g.write(data)
     else:
         with open(p, "wb") as f:
             f.write(data)

@@ -29,9 +29,10 @@ Deliberate differences from the silicon (see docs/devices.md):
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from .base import StreamDevice
+from .base import ByteRegisters, StreamDevice
 
 # IER bits
 IER_RDI = 0x01    # received data available
@@ -103,7 +104,7 @@ def _loopback_lines(mcr: int) -> int:
             | ((mcr & MCR_OUT1) << 4) | ((mcr & MCR_OUT2) << 4))
 
 
-class Uart16550(StreamDevice):
+class Uart16550(ByteRegisters, StreamDevice):
     """A 16550A UART with a 16-byte RX FIFO, loopback, and a level IRQ gated by OUT2.
 
     Options: ``backlog`` (bytes the host side may queue beyond the RX FIFO before
@@ -177,30 +178,33 @@ class Uart16550(StreamDevice):
 
     # -- the Device interface ----------------------------------------------------------
 
+    # The UART is the device of the benchmarks and of every console byte: a one-byte
+    # access goes straight to the register table (what ByteRegisters would do, without
+    # its two extra calls, ~0.2 us); wider ones are split by ByteRegisters.
+
     def read(self, offset: int, size: int) -> int:
-        """Read a register. Wider accesses are split into byte reads, as the ISA bus
-        does for an 8-bit device; bytes beyond the window read 0xFF."""
+        """Read the register(s), then recompute the interrupt line once."""
         if size == 1 and 0 <= offset < 8:
             value = self._rtab[offset]()
         else:
-            value = 0
-            for i in range(size):
-                off = offset + i
-                b = self._rtab[off]() if 0 <= off < 8 else 0xFF
-                value |= b << (8 * i)
+            value = super().read(offset, size)
         self._update_irq()
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
-        """Write a register (wider accesses split into bytes, low byte first)."""
+        """Write the register(s), then recompute the interrupt line once."""
         if size == 1 and 0 <= offset < 8:
             self._wtab[offset](value & 0xFF)
         else:
-            for i in range(size):
-                off = offset + i
-                if 0 <= off < 8:
-                    self._wtab[off]((value >> (8 * i)) & 0xFF)
+            super().write(offset, size, value)
         self._update_irq()
+
+    def read_byte(self, offset: int) -> int:
+        """One register, through the table of the current DLAB setting."""
+        return self._rtab[offset]()
+
+    def write_byte(self, offset: int, value: int) -> None:
+        self._wtab[offset](value)
 
     def feed(self, data: bytes) -> None:
         """Queue received bytes: the FIFO first, then the bounded backlog.

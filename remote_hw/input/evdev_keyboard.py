@@ -1,24 +1,18 @@
-"""A server's real keyboard as the far side of a keyboard model (evdev + pyudev).
+"""A server's real keyboard, read through evdev and followed across hot-plug.
 
 :class:`EvdevKeyboard` reads key events from a keyboard plugged into the server
 (``/dev/input/eventN``, through python-evdev), translates them with
-:class:`remote_hw.backends.keys.EvdevTranslator` and hands them to a
-:class:`~remote_hw.backends.keys.KeySink` - the keyboard model of a device instance
-(see :class:`InstanceKeySink`). The keyboard is found with pyudev and followed across
-hot-plug with pyudev's monitor: unplugging it releases every held key in the guest,
-plugging it (or another matching one) back in resumes.
+:class:`~remote_hw.input.linux_events.EvdevTranslator` and hands them to a
+:class:`~remote_hw.input.keys.KeySink` (on a server: a device instance, whose
+keyboard model types them into the guest; see ``remote_hw/backends/evdev.py``). The
+keyboard is found with pyudev and followed across hot-plug with pyudev's monitor:
+unplugging it releases every held key in the guest, plugging it (or another matching
+one, see :mod:`.hotplug` for what ``match`` may be) back in resumes.
 
-Which keyboard: ``match`` is
-
-* empty or ``any``: the first keyboard found;
-* a path (``/dev/input/event3``, ``/dev/input/by-id/usb-...-event-kbd``);
-* ``KEY=VALUE``: a udev property (``ID_SERIAL=Logitech_USB_Keyboard``,
-  ``ID_PATH=pci-0000:00:14.0-usb-0:2:1.0``);
-* any other text: part of the device's name (case-insensitive).
-
-The choice logic (:class:`HotplugFollower`) is pure and tested apart from the kernel.
 Where /dev/input is missing or python-evdev / pyudev is not installed, :meth:`start`
-raises :class:`InputUnavailable` with one sentence saying so.
+and :func:`check_keyboard` raise :class:`InputUnavailable` with one sentence saying
+so; a server runs :func:`check_keyboard` when it starts, so a keyboard that cannot
+be read stops it there rather than at a VM's first attach.
 """
 
 from __future__ import annotations
@@ -27,12 +21,13 @@ import logging
 import os
 import select
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from .keys import KEY_CODES, EvdevTranslator, KeySink, key_code, key_event_name
+from .hotplug import HotplugFollower, InputDeviceInfo, info_from_udev, looks_like_keyboard
+from .keys import KeySink
+from .linux_events import EvdevTranslator
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("remote_hw.input")
 
 DEV_INPUT = "/dev/input"
 
@@ -42,6 +37,8 @@ class InputUnavailable(RuntimeError):
 
 
 def require_evdev() -> Any:
+    """python-evdev, imported only when a keyboard is read: it is an optional
+    dependency (``pip install remote-hw[input]``) that needs kernel headers to build."""
     try:
         import evdev
     except ImportError:
@@ -51,6 +48,7 @@ def require_evdev() -> Any:
 
 
 def require_pyudev() -> Any:
+    """pyudev, which finds keyboards and reports hot-plug (imported when needed)."""
     try:
         import pyudev
     except ImportError:
@@ -59,158 +57,37 @@ def require_pyudev() -> Any:
 
 
 def check_dev_input(path: str = DEV_INPUT) -> None:
+    """Fail in one sentence where the kernel has no input devices at all (containers,
+    VMs without a keyboard, kernels without evdev)."""
     if not os.path.isdir(path):
         raise InputUnavailable(f"cannot read a real keyboard: {path} does not exist on "
                                "this machine (no input devices, or the evdev module is "
                                "not loaded: modprobe evdev)")
 
 
-# The keys that make an event device a keyboard (what udev's input_id checks too).
-_KEYBOARD_PROBE = tuple(KEY_CODES[n] for n in ("KEY_A", "KEY_Z", "KEY_ENTER", "KEY_SPACE"))
+def check_keyboard(match: str, dev_input: str = DEV_INPUT) -> None:
+    """Fail now, in one sentence, if a keyboard named by ``match`` cannot be read here.
 
-
-def looks_like_keyboard(key_caps: Iterable[int]) -> bool:
-    """Whether an EV_KEY capability list is a keyboard's (letters, Enter, Space)."""
-    caps = set(key_caps)
-    return all(k in caps for k in _KEYBOARD_PROBE)
-
-
-@dataclass
-class InputDeviceInfo:
-    """What the follower needs to know about one event device."""
-
-    devnode: str
-    name: str = ""
-    keyboard: bool | None = None          # None: unknown until opened
-    properties: dict[str, str] = field(default_factory=dict)
-    links: list[str] = field(default_factory=list)
-
-
-def matches(info: InputDeviceInfo, match: str) -> bool:
-    """Whether ``info`` is the device ``match`` names (see the module docstring)."""
-    m = match.strip()
-    if m in ("", "any"):
-        return info.keyboard is not False
-    if m.startswith("/"):
-        if m == info.devnode or m in info.links:
-            return True
-        try:
-            return os.path.realpath(m) == os.path.realpath(info.devnode)
-        except OSError:
-            return False
-    if "=" in m:
-        key, _, value = m.partition("=")
-        return info.properties.get(key.strip()) == value.strip()
-    return m.lower() in info.name.lower()
-
-
-class HotplugFollower:
-    """Which device to read, as devices come and go.
-
-    ``open_fn(info)`` opens a device and returns a handle, or raises OSError (then the
-    device is skipped) or returns None (not a keyboard after all); ``close_fn(handle,
-    gone)`` closes one (``gone`` when it was unplugged). At most one device is
-    followed; when it goes away, the next matching device present is taken.
+    A path must exist when this runs (a ``/dev/input/by-id`` link of a keyboard that is
+    unplugged later is still followed); a name or ``KEY=VALUE`` match only needs the
+    input subsystem, since the keyboard may be plugged in later.
     """
-
-    def __init__(self, match: str, open_fn: Callable[[InputDeviceInfo], Any],
-                 close_fn: Callable[[Any, bool], None]) -> None:
-        self.match = match
-        self.open_fn = open_fn
-        self.close_fn = close_fn
-        self.present: dict[str, InputDeviceInfo] = {}
-        self.current: InputDeviceInfo | None = None
-        self.handle: Any = None
-        self.switches = 0
-
-    def add(self, info: InputDeviceInfo) -> bool:
-        """A device appeared (or was found at start); True if we now read it."""
-        self.present[info.devnode] = info
-        if self.current is None and matches(info, self.match):
-            return self._take(info)
-        return False
-
-    def remove(self, devnode: str) -> bool:
-        """A device disappeared; True if it was the one we read."""
-        self.present.pop(devnode, None)
-        if self.current is None or self.current.devnode != devnode:
-            return False
-        self._drop(gone=True)
-        for info in sorted(self.present.values(), key=lambda i: i.devnode):
-            if matches(info, self.match) and self._take(info):
-                break
-        return True
-
-    def close(self) -> None:
-        if self.current is not None:
-            self._drop(gone=False)
-
-    def _take(self, info: InputDeviceInfo) -> bool:
-        try:
-            handle = self.open_fn(info)
-        except OSError as e:
-            log.warning("input: cannot open %s (%s): %s", info.devnode, info.name,
-                        e.strerror or e)
-            return False
-        if handle is None:
-            return False
-        self.current, self.handle = info, handle
-        self.switches += 1
-        return True
-
-    def _drop(self, gone: bool) -> None:
-        handle, self.handle, self.current = self.handle, None, None
-        self.close_fn(handle, gone)
-
-
-def info_from_udev(device: Any) -> InputDeviceInfo | None:
-    """An InputDeviceInfo from a pyudev Device of the input subsystem (event nodes
-    only). Without udevd the ID_INPUT_* properties are missing: ``keyboard`` is then
-    left unknown and decided from the capabilities when the device is opened."""
-    node = device.device_node
-    if not node or not os.path.basename(node).startswith("event"):
-        return None
-    props = {k: device.properties.get(k) for k in device.properties}
-    name = ""
-    parent = device.parent
-    if parent is not None:
-        raw = parent.attributes.get("name")
-        if raw:
-            name = raw.decode(errors="replace").strip() if isinstance(raw, bytes) else str(raw)
-    keyboard = None
-    if "ID_INPUT" in props:
-        keyboard = props.get("ID_INPUT_KEYBOARD") == "1"
-    links = list(device.device_links) if hasattr(device, "device_links") else []
-    return InputDeviceInfo(node, name, keyboard, props, links)
-
-
-class InstanceKeySink:
-    """A KeySink that delivers to a server device instance's keyboard model (its
-    ``key_event(code, pressed)``) with the instance lock held."""
-
-    def __init__(self, instance: Any) -> None:
-        self.instance = instance
-        if not hasattr(instance.model, "key_event"):
-            raise ValueError(f"device {instance.spec.id} ({instance.spec.kind}) takes no "
-                             "key events")
-
-    def key(self, code: str | int, pressed: bool) -> None:
-        with self.instance.lock:
-            self.instance.model.key_event(key_code(code), pressed)
-
-
-class InstanceEventSink:
-    """A KeySink that forwards key events to every client VM attached to a device
-    instance, as device events named ``key:CODE:0|1`` (keys.key_event_name). A client
-    agent types them on its own host through uinput
-    (remote_hw.client.uinput.UinputKeyboard.handle_event): a keyboard on the server
-    becomes a local keyboard of the client host."""
-
-    def __init__(self, instance: Any) -> None:
-        self.instance = instance
-
-    def key(self, code: str | int, pressed: bool) -> None:
-        self.instance._event(key_event_name(code, pressed))
+    m = match.strip()
+    if m.startswith("/"):
+        if not os.path.isdir(dev_input):
+            raise InputUnavailable(f"{m} does not exist (this kernel has no input devices: "
+                                   f"{dev_input} is missing; load the evdev module with "
+                                   "modprobe evdev)")
+        if not os.path.exists(m):
+            raise InputUnavailable(f"{m} does not exist (no such keyboard is plugged in; "
+                                   f"ls {dev_input}/by-id lists the ones that are)")
+        if not os.access(m, os.R_OK):
+            raise InputUnavailable(f"no permission to read {m} (run the server as root or "
+                                   "in the input group)")
+    else:
+        check_dev_input(dev_input)
+    require_evdev()
+    require_pyudev()
 
 
 class EvdevKeyboard:
@@ -241,7 +118,7 @@ class EvdevKeyboard:
 
     # -- life cycle ---------------------------------------------------------------
 
-    def start(self) -> "EvdevKeyboard":
+    def start(self) -> EvdevKeyboard:
         check_dev_input(self.dev_input)
         self._evdev = require_evdev()
         pyudev = require_pyudev()

@@ -1,28 +1,28 @@
 """A remote keyboard as a local one on the client host, through uinput.
 
-:class:`UinputKeyboard` is a :class:`~remote_hw.backends.keys.KeySink` that creates a
+:class:`UinputKeyboard` is a :class:`~remote_hw.input.keys.KeySink` that creates a
 virtual keyboard (``/dev/uinput``, through python-evdev) and writes each key change
 as an EV_KEY event followed by SYN_REPORT, so programs on the client host (a desktop,
 a console) see a local keyboard. The agent feeds it from key events a server sends
-as device events named ``key:CODE:0|1`` (:meth:`UinputKeyboard.handle_event`).
+as device events named ``key.CODE.0|1`` (:meth:`UinputKeyboard.handle_event`); see
+``remote-hw vm --uinput`` and ``remote_hw/client/key_mirror.py``.
 
 Where /dev/uinput is missing, not writable, or python-evdev is not installed, the
 constructor raises :class:`UinputUnavailable` with one sentence saying so. The event
-translation is :func:`remote_hw.backends.keys.input_events`, tested without a kernel
+translation is :func:`remote_hw.input.linux_events.input_events`, tested without a kernel
 through the ``writer`` argument.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from remote_hw.backends.keys import (KEY_NAMES, input_events, key_code,
-                                     parse_key_event_name)
-
-log = logging.getLogger("remote_hw.client")
+from .device_events import parse_key_event_name
+from .keys import KEY_NAMES, key_code
+from .linux_events import input_events
 
 UINPUT = "/dev/uinput"
 
@@ -94,7 +94,7 @@ class UinputKeyboard:
                 self.events_written += 1
 
     def handle_event(self, name: str) -> bool:
-        """Apply a device event named ``key:CODE:0|1``; False for other events."""
+        """Apply a device event named ``key.CODE.0|1``; False for other events."""
         parsed = parse_key_event_name(name)
         if parsed is None:
             return False

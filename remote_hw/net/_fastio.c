@@ -108,20 +108,23 @@ static int send_all(int fd, const char *buf, Py_ssize_t len) {
     return 0;
 }
 
-/* One recv() with the GIL released.  A signal that interrupts it (the vCPU kicker's,
- * or Ctrl-C) runs its Python handler, as PEP 475 has Python's own calls do, and the
- * read is retried unless the handler raised.  Returns the count, 0 at EOF, -1 with
- * errno (EAGAIN: the socket's receive timeout passed), or -2 with a Python error set. */
+/* One recv() with the GIL released.  A signal that interrupts it (a vCPU kick, Ctrl-C)
+ * runs its Python handler, as PEP 475 has Python's own calls do, and then counts as
+ * the end of a read slice (EAGAIN), not as a reason to read again: a retried recv()
+ * restarts the socket's whole receive timeout, so signals arriving faster than that
+ * timeout would keep a caller here forever, past its request's deadline.  The caller
+ * checks its deadline and reads again.  Returns the count, 0 at EOF, -1 with errno
+ * (EAGAIN: a slice ended), or -2 with a Python error set (a handler raised). */
 static ssize_t recv_once(int fd, unsigned char *buf) {
     ssize_t n;
     int err;
-    for (;;) {
-        Py_BEGIN_ALLOW_THREADS
-        n = recv(fd, buf, RECV_CAP, 0);
-        err = errno;
-        Py_END_ALLOW_THREADS
-        if (n >= 0 || err != EINTR) break;
+    Py_BEGIN_ALLOW_THREADS
+    n = recv(fd, buf, RECV_CAP, 0);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (n < 0 && err == EINTR) {
         if (PyErr_CheckSignals() < 0) return -2;
+        err = EAGAIN;
     }
     if (n < 0) errno = err;
     return n;

@@ -30,7 +30,8 @@ import os
 import socket
 import threading
 import types
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from remote_hw.protocol import codec
 from remote_hw.protocol.messages import AccessKind, Direction, MsgType, Status

@@ -29,14 +29,15 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from remote_hw.net import fastio
+from remote_hw.net.security import Identity, KeyMaterialError, TlsConfig
+from remote_hw.net.transport import TlsTransport, Transport
 from remote_hw.protocol import CLOSED, NEED_DATA, Connection, ProtocolError, Role
 from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import Status
-from remote_hw.net.security import Identity, KeyMaterialError, TlsConfig
-from remote_hw.net.transport import TlsTransport, Transport
 
 log = logging.getLogger("remote_hw.client")
 
@@ -113,7 +114,7 @@ class ServerLink:
 
     # -- connection -------------------------------------------------------------
 
-    def connect(self, connect_timeout: float = 5.0) -> "ServerLink":
+    def connect(self, connect_timeout: float = 5.0) -> ServerLink:
         """Connect and shake hands; raises :class:`LinkError` with the reason."""
         host, port = self.address
         where = f"server {self.name} at {host}:{port}"
@@ -150,7 +151,7 @@ class ServerLink:
                 data = t.recv()
                 if data is None:
                     if _now() > deadline:
-                        raise socket.timeout
+                        raise TimeoutError
                     continue
                 conn.receive_data(data)
                 while True:
@@ -164,7 +165,7 @@ class ServerLink:
                     if isinstance(ev, m.Welcome):
                         welcome = ev
                         break
-        except socket.timeout:
+        except TimeoutError:
             t.close()
             raise LinkError(f"{where}: no answer to the handshake") from None
         except ProtocolError as e:

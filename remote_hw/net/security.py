@@ -19,9 +19,9 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import ssl
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROLES = ("client", "server")
 

@@ -18,7 +18,7 @@ import socket
 import ssl
 import struct
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from remote_hw.net.security import Identity, KeyMaterialError, peer_identity
 
@@ -94,7 +94,7 @@ class TlsTransport(Transport):
 
     @classmethod
     def wrap_server(cls, raw: socket.socket, ctx: ssl.SSLContext,
-                    handshake_timeout: float = 10.0) -> "TlsTransport":
+                    handshake_timeout: float = 10.0) -> TlsTransport:
         """TLS handshake as the accepting side; raises ssl.SSLError/OSError/KeyMaterialError."""
         raw.settimeout(handshake_timeout)
         sock = ctx.wrap_socket(raw, server_side=True)
@@ -102,7 +102,7 @@ class TlsTransport(Transport):
 
     @classmethod
     def wrap_client(cls, raw: socket.socket, ctx: ssl.SSLContext, read_slice: float | None,
-                    handshake_timeout: float = 10.0) -> "TlsTransport":
+                    handshake_timeout: float = 10.0) -> TlsTransport:
         raw.settimeout(handshake_timeout)
         sock = ctx.wrap_socket(raw, server_side=False)
         return cls(sock, read_slice)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from . import model as M
 from .loader import KvmProbe, ProbeUnavailable
@@ -75,7 +76,7 @@ class ProbeSession:
         self._mine: set[tuple[int, int]] = set()
 
     @classmethod
-    def open(cls, optional: bool = False, *, pin: bool = True) -> "ProbeSession":
+    def open(cls, optional: bool = False, *, pin: bool = True) -> ProbeSession:
         """Compile and attach the probes. With ``optional``, a host where they cannot
         run gives a disabled session (and one warning) instead of ProbeUnavailable."""
         try:
@@ -188,7 +189,7 @@ class ProbeSession:
         self._mine.clear()
         self.probe.close()
 
-    def __enter__(self) -> "ProbeSession":
+    def __enter__(self) -> ProbeSession:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,13 +12,13 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import model as M
 from .loader import KvmProbe, ProbeUnavailable
 from .model import Snapshot
-from .render import (TRACE_HEADER, DeviceSelector, EventFilter, VmSelector, format_event,
-                     render_top)
+from .render import TRACE_HEADER, DeviceSelector, EventFilter, VmSelector, format_event, render_top
 
 CLEAR = "\x1b[H\x1b[J"
 

@@ -17,13 +17,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
+
+from remote_hw import resources
 
 from . import model as M
 from .model import CountRow, Histogram, RangeSpec, Snapshot
-
-AccessEvent = M.header_struct("rhw_access_event")
 
 BCC_PATH = "/usr/lib/python3/dist-packages"
 TRACEFS = "/sys/kernel/tracing"
@@ -56,7 +57,7 @@ def import_bcc() -> Any:
         if added:
             sys.path.append(BCC_PATH)
         try:
-            import bcc  # type: ignore[import-not-found]
+            import bcc
         except ImportError as e:
             raise ProbeUnavailable(
                 f"bcc's Python module cannot be imported ({e}); {INSTALL_HINT} to install "
@@ -163,11 +164,16 @@ class KvmProbe:
                  entry: str | None = None) -> None:
         check_environment()
         bcc = import_bcc()
-        src_dir = Path(os.environ.get("REMOTE_HW_EBPF_DIR") or ebpf_dir or M.EBPF_DIR)
+        src_dir = Path(os.environ.get("REMOTE_HW_EBPF_DIR") or ebpf_dir
+                       or resources.ebpf_dir())
         source = src_dir / SOURCE
-        if not source.is_file():
-            raise ProbeUnavailable(f"the probe source {source} is missing from this "
-                                   "installation")
+        for needed in (source, src_dir / M.HEADER):
+            if not needed.is_file():
+                raise ProbeUnavailable(f"the probe source {needed} is missing from this "
+                                       "installation")
+        # the event layout comes from the header compiled into the probes, read here
+        # (not at import: building the command line must not depend on the file)
+        self.event_type = M.header_struct("rhw_access_event", src_dir / M.HEADER)
         cflags = [f"-I{src_dir}", "-Wno-unused-function"]
         self.pin_dir = pin_dir() if pin else None
         if self.pin_dir:
@@ -276,7 +282,7 @@ class KvmProbe:
         """Note whether ``tgid`` has published anything (the entry goes when nothing is
         left) and start a new generation, so vCPU threads look things up again."""
         key = ctypes.c_uint32(tgid)
-        has = (any(k.tgid == tgid for k in self.ranges.keys())
+        has = (any(k.tgid == tgid for k in self.ranges)
                or any(v.tgid == tgid for v in self.vcpu_vm.values()))
         if has:
             val = self.pubs.Leaf()
@@ -305,7 +311,7 @@ class KvmProbe:
             pass
 
     def _delete_ranges(self, match: Callable[[Any], bool]) -> None:
-        for k in [k for k in self.ranges.keys() if match(k)]:
+        for k in [k for k in self.ranges if match(k)]:
             self._delete(self.ranges, k)
 
     def published(self) -> list[tuple[int, int, RangeSpec]]:
@@ -424,14 +430,15 @@ class KvmProbe:
         from the shared header) to ``callback`` from ``poll``. An exception in the
         callback stops the delivery and is raised again by ``poll``."""
         events = self.bpf[b"events"]
-        size = ctypes.sizeof(AccessEvent)
+        event_type = self.event_type
+        size = ctypes.sizeof(event_type)
 
         def deliver(ctx: Any, data: Any, n: int) -> int:
             if self._callback_error is not None:
                 return 0
             try:
-                callback(AccessEvent.from_buffer_copy(ctypes.string_at(data, min(n, size))
-                                                      .ljust(size, b"\0")))
+                callback(event_type.from_buffer_copy(ctypes.string_at(data, min(n, size))
+                                                     .ljust(size, b"\0")))
             except BaseException as e:  # re-raised from poll(): never lost in ctypes
                 self._callback_error = e
             return 0
@@ -477,7 +484,7 @@ class KvmProbe:
             self.closed = True
             self.bpf.cleanup()
 
-    def __enter__(self) -> "KvmProbe":
+    def __enter__(self) -> KvmProbe:
         return self
 
     def __exit__(self, *exc: object) -> None:

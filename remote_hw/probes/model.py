@@ -2,18 +2,21 @@
 
 The constants repeat ``ebpf/remote_hw_events.h`` (``header_constants`` reads that file
 so a test can check the two agree). Everything here is plain Python, usable where bcc
-is missing.
+is missing. The header is read only when asked for, never at import: building the
+command line's parser imports this module and must work wherever the package does.
 """
 
 from __future__ import annotations
 
 import ctypes
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any
 
-EBPF_DIR = Path(__file__).resolve().parent.parent.parent / "ebpf"
+from remote_hw import resources
+
 HEADER = "remote_hw_events.h"
 
 LAYOUT_VERSION = 2
@@ -59,9 +62,14 @@ _HEADER_NAMES = {
 }
 
 
+def header_path() -> Path:
+    """The shared header of this installation (see ``remote_hw.resources``)."""
+    return resources.ebpf_dir() / HEADER
+
+
 def header_constants(path: Path | None = None) -> dict[str, int]:
     """The integer ``#define``s of the shared header, by header name."""
-    text = (path or EBPF_DIR / HEADER).read_text()
+    text = (path or header_path()).read_text()
     return {m.group(1): int(m.group(2), 0)
             for m in re.finditer(r"^#define\s+(RHW_\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", text, re.M)}
 
@@ -81,7 +89,7 @@ def header_struct(name: str, path: Path | None = None) -> type[ctypes.Structure]
     """A ctypes class for ``struct NAME`` of the shared header, built from its text (so
     the Python and kernel layouts cannot drift apart). Fields: __u8/16/32/64 and char,
     scalars or arrays with a literal or RHW_ constant length."""
-    text = (path or EBPF_DIR / HEADER).read_text()
+    text = (path or header_path()).read_text()
     consts = header_constants(path)
     m = re.search(r"struct\s+" + re.escape(name) + r"\s*\{(.*?)\};", text, re.S)
     if not m:
@@ -92,7 +100,7 @@ def header_struct(name: str, path: Path | None = None) -> type[ctypes.Structure]
         fm = re.fullmatch(r"(\w+)\s+(\w+)(?:\[(\w+)\])?", decl)
         if not fm or fm.group(1) not in _CTYPES:
             raise ValueError(f"struct {name}: cannot read field {decl!r}")
-        ctype = _CTYPES[fm.group(1)]
+        ctype: Any = _CTYPES[fm.group(1)]  # a ctypes type, or an array type of it
         if fm.group(3):
             n = fm.group(3)
             ctype = ctype * (consts[n] if n in consts else int(n, 0))
@@ -133,12 +141,12 @@ class Histogram:
     def add_ns(self, ns: int, n: int = 1) -> None:
         self.add(bucket_of(ns), n)
 
-    def merge(self, other: "Histogram") -> "Histogram":
+    def merge(self, other: Histogram) -> Histogram:
         for b, n in other.buckets.items():
             self.add(b, n)
         return self
 
-    def minus(self, older: "Histogram") -> "Histogram":
+    def minus(self, older: Histogram) -> Histogram:
         """What was added since ``older`` (a snapshot of the same counters)."""
         return Histogram({b: n - older.buckets.get(b, 0) for b, n in self.buckets.items()
                           if n - older.buckets.get(b, 0) > 0})
@@ -185,7 +193,7 @@ class RangeSpec:
     cls: str = "remote"
 
     @classmethod
-    def of(cls, item: "RangeSpec | tuple") -> "RangeSpec":
+    def of(cls, item: RangeSpec | tuple) -> RangeSpec:
         """From a RangeSpec or a tuple (kind, start, end[, label[, cls]])."""
         if isinstance(item, RangeSpec):
             spec = item
@@ -207,7 +215,7 @@ class RangeSpec:
         if not 0 <= self.start <= self.end <= ADDR_LIMITS[self.kind]:
             raise ValueError(f"bad {self.kind} range {self.start:#x}-{self.end:#x}")
 
-    def overlaps(self, other: "RangeSpec") -> bool:
+    def overlaps(self, other: RangeSpec) -> bool:
         return self.kind == other.kind and self.start <= other.end and other.start <= self.end
 
 

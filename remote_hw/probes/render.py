@@ -8,8 +8,9 @@ so everything here runs in unit tests without a kernel.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from . import model as M
 from .model import Histogram, Snapshot
@@ -29,7 +30,7 @@ class VmSelector:
     name: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "VmSelector":
+    def parse(cls, text: str) -> VmSelector:
         text = text.strip()
         if not text:
             raise ValueError("an empty VM selector")
@@ -59,7 +60,7 @@ class DeviceSelector:
     text: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "DeviceSelector":
+    def parse(cls, text: str) -> DeviceSelector:
         text = text.strip()
         if not text:
             raise ValueError("an empty device selector")
@@ -98,7 +99,7 @@ class EventFilter:
     @classmethod
     def from_args(cls, vms: Iterable[str] = (), devices: Iterable[str] = (),
                   dirs: Iterable[str] = (), kinds: Iterable[str] = (),
-                  classes: Iterable[str] = ()) -> "EventFilter":
+                  classes: Iterable[str] = ()) -> EventFilter:
         return cls([VmSelector.parse(v) for v in vms],
                    [DeviceSelector.parse(d) for d in devices],
                    {M.DIRS[d] for d in dirs}, {M.KINDS[k] for k in kinds},

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import fields
 from operator import attrgetter
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .messages import (

@@ -27,10 +27,18 @@ Typical server loop::
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Final
+from collections.abc import Callable
+from typing import Any, Final
 
-from .codec import (DECODERS, MSG_NAMES, encode, encode_feedback, encode_io_request,
-                    feedback_fields, io_request_fields)
+from .codec import (
+    DECODERS,
+    MSG_NAMES,
+    encode,
+    encode_feedback,
+    encode_io_request,
+    feedback_fields,
+    io_request_fields,
+)
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .messages import (
     FEATURE_EVENTS,

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol, cast
 
-from remote_hw.backends.base import BackendError, StreamBackend
-from remote_hw.backends.registry import open_backend
+from remote_hw.backends.base import Backend, BackendError, KeyBackend, StreamBackend
+from remote_hw.backends.registry import backend_class, check_backend, open_backend
 from remote_hw.config import DeviceSpec
 from remote_hw.devices.base import Device, StreamDevice
-from remote_hw.devices.registry import create_device
+from remote_hw.devices.capabilities import ByteStream
+from remote_hw.devices.registry import create_device, device_class
+from remote_hw.input.keys import KeySink
 from remote_hw.protocol.messages import Direction, Status
 
 log = logging.getLogger("remote_hw.server")
@@ -33,6 +36,7 @@ _OK, _UNKNOWN_DEVICE, _NOT_ATTACHED, _BAD_ACCESS, _DEVICE_ERROR = (
 _WRITE = int(Direction.WRITE)
 
 SessionKey = tuple[int, int]  # (client id, vm id)
+OutputListener = Callable[[bytes], None]  # called with bytes the guest transmitted
 
 
 class SessionSink(Protocol):
@@ -48,7 +52,7 @@ class _InstanceIrq:
 
     __slots__ = ("instance", "line", "level")
 
-    def __init__(self, instance: "Instance", line: int) -> None:
+    def __init__(self, instance: Instance, line: int) -> None:
         self.instance = instance
         self.line = line
         self.level = False
@@ -59,23 +63,34 @@ class _InstanceIrq:
             return  # models may repeat a level; only changes travel
         self.level = level
         self.instance.irq_changes += 1
-        for (client_id, vm_id), sink in list(self.instance.sessions.items()):
+        for (_client_id, vm_id), sink in list(self.instance.sessions.items()):
             sink.interrupt(vm_id, self.instance.spec.id, self.line, level)
 
 
 @dataclass(eq=False)
 class Instance:
-    """One live instance of a software device: model, lock, backend, sessions."""
+    """One live instance of a software device: model, lock, backend, sessions.
+
+    A stream model's output is published by the instance: the model's ``tx_sink`` is
+    :meth:`from_guest`, which hands each chunk to the output listeners (the FUSE
+    view's ``tx`` taps) and then to the backend. Observers add themselves with
+    :meth:`add_output_listener`; nobody wraps the model.
+    """
 
     spec: DeviceSpec
     index: int
     model: Device = field(init=False)
     lock: threading.RLock = field(default_factory=threading.RLock)
-    backend: StreamBackend | None = None
+    backend: Backend | None = None
     sessions: dict[SessionKey, SessionSink] = field(default_factory=dict)
+    #: the model's interrupt lines, in wire-line order (see Device.irq_lines)
+    lines: list[_InstanceIrq] = field(default_factory=list)
     reads: int = 0
     writes: int = 0
     irq_changes: int = 0
+    # Where the guest's output goes (stream devices): observers, then the backend.
+    _output: tuple[OutputListener, ...] = field(default=(), init=False, repr=False)
+    _to_backend: OutputListener | None = field(default=None, init=False, repr=False)
 
     def label(self) -> str:
         owners = ",".join(f"c{c}/vm{v}" for c, v in self.sessions) or "-"
@@ -84,11 +99,41 @@ class Instance:
     def to_guest(self, data: bytes) -> None:
         """Backend threads deliver bytes for the guest here (thread-safe)."""
         with self.lock:
-            assert isinstance(self.model, StreamDevice)
+            assert isinstance(self.model, ByteStream)
             self.model.feed(data)
 
+    def from_guest(self, data: bytes) -> None:
+        """A stream model's ``tx_sink``: what the guest transmits is published to every
+        output listener, then passed to the backend (called with the lock held)."""
+        for fn in self._output:
+            try:
+                fn(data)
+            except Exception:  # an observer must never break the guest's output
+                log.exception("output listener failed for %s", self.label())
+        if self._to_backend is not None:
+            self._to_backend(data)
+
+    def add_output_listener(self, fn: OutputListener) -> None:
+        """Call ``fn(data)`` with every chunk the guest transmits from now on."""
+        with self.lock:
+            self._output = (*self._output, fn)
+
+    def remove_output_listener(self, fn: OutputListener) -> None:
+        with self.lock:
+            self._output = tuple(f for f in self._output if f != fn)
+
+    @property
+    def output_listeners(self) -> tuple[OutputListener, ...]:
+        return self._output
+
+    def key(self, code: str | int, pressed: bool) -> None:
+        """Key backends deliver key presses and releases here (thread-safe): the
+        instance is their KeySink, as ``to_guest`` is a stream backend's sink."""
+        with self.lock:
+            cast(KeySink, self.model).key(code, pressed)
+
     def _event(self, name: str) -> None:
-        for (client_id, vm_id), sink in list(self.sessions.items()):
+        for (_client_id, vm_id), sink in list(self.sessions.items()):
             sink.event(vm_id, self.spec.id, name)
 
     def status(self) -> dict[str, Any]:
@@ -103,6 +148,54 @@ class Instance:
         if self.backend is not None:
             self.backend.close()
         self.model.close()
+
+
+def _mismatch(spec: DeviceSpec, backend: type[Backend], model: Device) -> str | None:
+    """Why ``backend`` cannot serve ``model`` (None when it can): a stream backend
+    needs a StreamDevice, a key backend a keyboard (a KeySink)."""
+    if issubclass(backend, KeyBackend) and not isinstance(model, KeySink):
+        return (f"device {spec.id!r} ({spec.kind}) takes no key events, so backend "
+                f"{backend.name} cannot feed it (use a keyboard such as i8042)")
+    if issubclass(backend, StreamBackend) and not isinstance(model, StreamDevice):
+        return f"device {spec.id!r} ({spec.kind}) takes no stream backend"
+    return None
+
+
+def _check_backend(spec: DeviceSpec, model: Device) -> None:
+    """At server start: the backend exists, suits the model, and can work here.
+
+    A mismatch is a ValueError (a usage error). What this machine lacks comes last, as
+    the backend's BackendUnavailable, so a wrong configuration is named first.
+    """
+    assert spec.backend is not None
+    cls, _ = backend_class(spec.backend)
+    why = _mismatch(spec, cls, model)
+    if why:
+        raise ValueError(why)
+    check_backend(spec.backend)
+
+
+def _start_backend(spec: DeviceSpec, inst: Instance, index: int) -> Backend:
+    """Open the instance's backend and connect it to the model: bytes both ways for a
+    stream backend, key events into the model (through the instance's lock) for a
+    key backend. A backend that fails to start is closed again."""
+    assert spec.backend is not None
+    model = inst.model
+    backend = open_backend(spec.backend, spec.id, index)
+    try:
+        why = _mismatch(spec, type(backend), model)
+        if why:
+            raise ValueError(why)
+        if isinstance(backend, KeyBackend):
+            backend.start(inst)
+        else:
+            assert isinstance(backend, StreamBackend) and isinstance(model, StreamDevice)
+            inst._to_backend = backend.from_guest
+            backend.start(inst.to_guest)
+    except BaseException:
+        backend.close()
+        raise
+    return backend
 
 
 AccessHook = Callable[[int, int, str, int, int, int, int, int], None]
@@ -121,7 +214,10 @@ class Controller:
         for spec in devices:
             if spec.id in self.registry:
                 raise ValueError(f"device id {spec.id!r} is configured twice")
-            create_device(spec.kind, **spec.options).close()  # fail early on a bad kind
+            model = create_device(spec.kind, **spec.options)  # fail early on a bad kind
+            model.close()
+            if spec.backend:
+                _check_backend(spec, model)
             self.registry[spec.id] = spec
         self._lock = threading.Lock()
         # (client, vm, device) -> instance: the hot-path lookup of every request.
@@ -147,21 +243,21 @@ class Controller:
         used = {i.index for i in self._per_device[spec.id]}
         index = next(i for i in range(len(used) + 1) if i not in used)
         inst = Instance(spec, index)
-        inst.model = create_device(spec.kind, irq=_InstanceIrq(inst, 0), events=inst._event,
-                                   **spec.options)
+        # One _InstanceIrq per interrupt line the model declares, numbered as on the wire.
+        lines = {name: _InstanceIrq(inst, n)
+                 for n, name in enumerate(device_class(spec.kind).irq_lines)}
+        inst.lines = list(lines.values())
+        inst.model = create_device(spec.kind, events=inst._event, **lines, **spec.options)
+        if isinstance(inst.model, ByteStream):
+            inst.model.tx_sink = inst.from_guest  # the instance publishes the output
         if spec.backend:
-            if not isinstance(inst.model, StreamDevice):
-                raise ValueError(f"device {spec.id!r} ({spec.kind}) takes no stream backend")
             try:
-                backend = open_backend(spec.backend, spec.id, index)
+                inst.backend = _start_backend(spec, inst, index)
             except BaseException:
                 inst.model.close()
                 raise
-            inst.model.tx_sink = backend.from_guest
-            backend.start(inst.to_guest)
-            inst.backend = backend
             log.info("%s: backend %s", spec.id if index == 0 else f"{spec.id}#{index}",
-                     backend.describe())
+                     inst.backend.describe())
         self._per_device[spec.id].append(inst)
         for fn in list(self._instance_listeners):
             try:
@@ -193,11 +289,11 @@ class Controller:
                 return Status.DEVICE_ERROR
             with inst.lock:
                 inst.sessions[(client_id, vm_id)] = sink
-                high = bool(getattr(inst.model.irq, "level", False))
+                high = [irq.line for irq in inst.lines if irq.level]
             self._attached[key] = inst
         log.info("client %d vm %d attached %s", client_id, vm_id, inst.label())
-        if high:  # a shared device already asserting: tell the newcomer
-            sink.interrupt(vm_id, device, 0, True)
+        for line in high:  # a shared device already asserting: tell the newcomer
+            sink.interrupt(vm_id, device, line, True)
         return Status.OK
 
     def detach(self, client_id: int, vm_id: int | None = None) -> int:

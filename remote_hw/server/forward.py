@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from remote_hw.net.link import LinkError, ServerLink
-from remote_hw.protocol.messages import Role, Status
 from remote_hw.net.security import TlsConfig
+from remote_hw.protocol.messages import Role, Status
 from remote_hw.server.directory import Directory
 
 log = logging.getLogger("remote_hw.forward")

@@ -35,7 +35,7 @@ for step in steps:
             sys.exit(1)
         try:
             chunk = sock.recv(4096)
-        except socket.timeout:
+        except TimeoutError:
             continue
         if not chunk:
             print(f"closed while expecting {data!r}, got {buf!r}")

@@ -8,11 +8,12 @@ Stopping and halt detection both use a kick: ``signal.pthread_kill`` of the vCPU
 with ``KICK_SIGNAL`` (a no-op Python handler is installed for it), which makes a
 ``KVM_RUN`` in progress return ``EINTR``. ``stop`` also sets ``kvm_run.immediate_exit``
 so a stop that lands while the thread runs Python code still ends the next
-``KVM_RUN`` at once. The watchdog (``Kicker``) kicks every running vCPU every
-``kick_interval`` seconds; on such an interruption the loop asks ``KVM_GET_MP_STATE``
-and, if the vCPU is HALTED with RFLAGS.IF clear, the guest has finished (status 0):
-with the in-kernel irqchip a halted vCPU sleeps inside ``KVM_RUN`` and no HLT exit
-ever reaches user space.
+``KVM_RUN`` at once. The watchdog (``Kicker``) kicks every vCPU that is inside
+``KVM_RUN`` every ``kick_interval`` seconds (not one whose exit handler is waiting for a
+remote device: that wait has its own deadline); on such an interruption the loop asks
+``KVM_GET_MP_STATE`` and, if the vCPU is HALTED with RFLAGS.IF clear, the guest has
+finished (status 0): with the in-kernel irqchip a halted vCPU sleeps inside
+``KVM_RUN`` and no HLT exit ever reaches user space.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import queue
 import signal
 import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 from . import kvm
-from .bus import Bus, GuestExit, ONES
+from .bus import ONES, Bus, GuestExit
 
 KICK_SIGNAL = signal.SIGUSR2
 DEFAULT_KICK_INTERVAL = 0.05
@@ -103,7 +105,7 @@ class Kicker:
         self._running: set[VcpuThread] = set()
         self._thread: threading.Thread | None = None
 
-    def add(self, vt: "VcpuThread") -> None:
+    def add(self, vt: VcpuThread) -> None:
         with self._cond:
             self._running.add(vt)
             if self._thread is None:
@@ -112,7 +114,7 @@ class Kicker:
                 self._thread.start()
             self._cond.notify()
 
-    def remove(self, vt: "VcpuThread") -> None:
+    def remove(self, vt: VcpuThread) -> None:
         with self._cond:
             self._running.discard(vt)
 
@@ -243,6 +245,10 @@ class VcpuThread:
         self._lock = threading.Lock()
         self._stop_status: int | None = None
         self._in_run = False
+        # True only inside the KVM_RUN ioctl: the watchdog kicks only then. A kick that
+        # lands while the exit handler waits for a remote device would interrupt that
+        # wait (and, before every read honoured its deadline, restart it).
+        self._in_guest = False
         self._alive = True
         self._ident = 0
         started: Future = Future()
@@ -302,7 +308,7 @@ class VcpuThread:
     def kick(self) -> None:
         """Interrupt a KVM_RUN in progress (any thread)."""
         with self._lock:
-            if self._in_run and self._alive:
+            if self._in_guest and self._alive:
                 signal.pthread_kill(self._ident, KICK_SIGNAL)
 
     def stop(self, status: int) -> None:
@@ -333,6 +339,7 @@ class VcpuThread:
             self.kicker.remove(self)
             with self._lock:
                 self._in_run = False
+                self._in_guest = False
                 self._stop_status = None
                 vcpu.run_mm[kvm.RUN_IMMEDIATE_EXIT] = 0
 
@@ -359,13 +366,16 @@ class VcpuThread:
         vcpu.ran = True
         try:
             while True:
+                self._in_guest = True
                 try:
                     ioctl(fd, KVM_RUN)
                 except InterruptedError:
+                    self._in_guest = False
                     status = self._interrupted(vcpu)
                     if status is not None:
                         return status
                     continue
+                self._in_guest = False
                 reason, direction, size, port, count, off = unpack_exit(mm, 8)
                 if reason == 2:                                   # KVM_EXIT_IO
                     entry = port_get(port)

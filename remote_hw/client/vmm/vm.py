@@ -32,8 +32,17 @@ from .bus import Bus
 from .irqchip import IrqChip, IrqLine
 from .loader import BootImage, ImageSource, parse_image, read_image
 from .memory import GuestRam
-from .vcpu import (STATUS_HALTED, STATUS_RESET, STATUS_STOPPED, STATUS_TIMEOUT, Kicker,
-                   KICKER, Vcpu, VcpuThread, VmError)
+from .vcpu import (
+    KICKER,
+    STATUS_HALTED,
+    STATUS_RESET,
+    STATUS_STOPPED,
+    STATUS_TIMEOUT,
+    Kicker,
+    Vcpu,
+    VcpuThread,
+    VmError,
+)
 
 __all__ = ["Vm", "VmError", "VmTimeout", "STATUS_HALTED", "STATUS_RESET", "STATUS_STOPPED",
            "debug_exit_status"]
@@ -257,7 +266,7 @@ class Vm:
         if memory is not None:
             memory.close()
 
-    def __enter__(self) -> "Vm":
+    def __enter__(self) -> Vm:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,492 @@
+"""The bridge's front: a vfio-user server on a UNIX socket, for QEMU's vfio-user-pci.
+
+Each QEMU that connects is one VM. Its config space is answered here from a
+:mod:`~remote_hw.bridge.pci` template; its BAR accesses become ordinary register
+accesses of that VM's id, sent through the same :class:`ServerLink` and
+:class:`RemoteDevice` the native client uses, so plain TCP, mutual TLS, entry-server
+forwarding and the removed-device behaviour (reads all ones, writes dropped, no wait
+past the link timeout) come from there unchanged. Interrupts the server pushes for the
+VM become writes to the INTx eventfd QEMU handed over (:mod:`~remote_hw.bridge.intx`).
+
+Threads: one accepts connections; one per connected QEMU reads its socket and answers
+in order (vfio-user allows pipelining, and the spec asks for in-order processing, so
+one thread per socket is both simplest and correct); the links' own threads deliver
+interrupts, which only touch the session's INTx state under its lock.
+
+A broken message from one QEMU closes that QEMU's socket only (QEMU then sees the
+device as gone); every other VM carries on.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from remote_hw.bridge import vfio_user as vu
+from remote_hw.bridge.intx import IntxLine
+from remote_hw.bridge.pci import (
+    CONFIG_REGION,
+    INTX_IRQ,
+    NUM_IRQS,
+    NUM_REGIONS,
+    ConfigSpace,
+    Template,
+)
+from remote_hw.client.agent import RemoteDevice
+from remote_hw.config import MapSpec
+from remote_hw.net.link import LinkError, ServerLink
+from remote_hw.net.security import TlsConfig
+from remote_hw.protocol.messages import Status
+
+log = logging.getLogger("remote_hw.bridge")
+
+_RECV_SIZE = 65536
+_FD_SPACE = socket.CMSG_SPACE(vu.MAX_MSG_FDS * array.array("i").itemsize)
+_ONE = (1).to_bytes(8, "little")  # an eventfd write adds this counter value
+
+
+@dataclass(frozen=True)
+class Target:
+    """The remote device a bridge serves: ``SERVER/DEVICE`` (``a/uart0``)."""
+
+    server: str
+    device: str
+
+    def __str__(self) -> str:
+        return f"{self.server}/{self.device}"
+
+
+class Session:
+    """One connected QEMU (one VM id): its protocol state, config space and INTx."""
+
+    def __init__(self, bridge: Bridge, sock: socket.socket, vm_id: int) -> None:
+        self.bridge = bridge
+        self.sock = sock
+        self.vm_id = vm_id
+        self.conn = vu.ServerConnection()
+        self.config = ConfigSpace(bridge.template)
+        self.intx = IntxLine()
+        self.lock = threading.Lock()  # INTx state and the eventfds
+        self.trigger_fd: int | None = None
+        self.unmask_fd: int | None = None  # KVM's resample eventfd, when QEMU uses one
+        self.device: RemoteDevice | None = None
+        self.error: str | None = None
+        self.closed = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    @property
+    def label(self) -> str:
+        return f"vm {self.vm_id}"
+
+    # -- life cycle -------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self.device = self.bridge.attach(self.vm_id)
+            self._serve()
+        except vu.VfioUserError as e:
+            self.error = str(e)
+            log.error("%s: protocol error from QEMU: %s; closing its socket", self.label, e)
+        except OSError as e:
+            self.error = f"socket error: {e.strerror or e}"
+            log.error("%s: %s", self.label, self.error)
+        except Exception as e:  # a bug here must end this VM's session only
+            self.error = f"internal error: {e!r}"
+            log.exception("%s: internal error; closing its socket", self.label)
+        finally:
+            self._close()
+
+    def _serve(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        watched_unmask: int | None = None
+        while not self.closed.is_set():
+            if self.unmask_fd is None and watched_unmask is None:
+                # Only the socket to read (TCG: no resample fd): block in recvmsg and
+                # spare the hot path a poll() call; stop() wakes it with a shutdown.
+                if not self._receive():
+                    return
+                continue
+            if self.unmask_fd != watched_unmask:  # SET_IRQS changed the resample fd
+                if watched_unmask is not None:
+                    poller.unregister(watched_unmask)
+                watched_unmask = self.unmask_fd
+                if watched_unmask is not None:
+                    poller.register(watched_unmask, select.POLLIN)
+            for fd, _ in poller.poll(500):
+                if fd == watched_unmask:
+                    try:
+                        os.read(fd, 8)
+                    except OSError:
+                        pass
+                    self._unmask()
+                    continue
+                if not self._receive():
+                    return
+
+    def _receive(self) -> bool:
+        """Read once and answer every complete command; False when QEMU hung up."""
+        data, fds = self._recv()
+        if not data:
+            for fd in fds:
+                _close_fd(fd)
+            log.info("%s: QEMU closed the connection", self.label)
+            return False
+        self.conn.receive_data(data, fds)
+        while True:
+            ev = self.conn.next_event()
+            if ev is vu.NEED_DATA:
+                return True
+            out = self.handle(ev)  # type: ignore[arg-type]
+            if out:
+                self.sock.sendall(out)
+
+    def _recv(self) -> tuple[bytes, list[int]]:
+        data, anc, _flags, _addr = self.sock.recvmsg(_RECV_SIZE, _FD_SPACE)
+        fds: list[int] = []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(payload[:len(payload) - len(payload) % a.itemsize])
+                fds.extend(a)
+        return data, fds
+
+    def stop(self) -> None:
+        """Wake the session's thread (from another thread) so it ends."""
+        self.closed.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _close(self) -> None:
+        self.closed.set()
+        with self.lock:
+            self.intx.disable()
+            fds = [fd for fd in (self.trigger_fd, self.unmask_fd) if fd is not None]
+            self.trigger_fd = self.unmask_fd = None
+        for fd in fds + self.conn.close_fds():
+            _close_fd(fd)
+        self.sock.close()
+        self.bridge.release(self)
+
+    # -- messages ---------------------------------------------------------------
+
+    def handle(self, ev: vu.Event) -> bytes:
+        """Answer one command (the reply bytes, empty for no-reply commands)."""
+        conn = self.conn
+        t = self.bridge.template
+        if isinstance(ev, vu.Version):
+            caps: dict[str, object] = {"max_msg_fds": vu.MAX_MSG_FDS,
+                                       "max_data_xfer_size": vu.MAX_DATA_XFER}
+            for key in ("pgsizes", "max_dma_maps"):  # echo what we do not restrict
+                if key in ev.capabilities:
+                    caps[key] = ev.capabilities[key]
+            log.info("%s: QEMU speaks vfio-user %d.%d", self.label, ev.major, ev.minor)
+            return conn.version_reply(ev, caps)
+        if isinstance(ev, vu.RegionRead):
+            data = self._region_read(ev.region, ev.offset, ev.count)
+            if data is None:
+                return conn.error_reply(ev, vu.EINVAL)
+            return conn.reply(ev, vu.REGION_ACCESS.pack(ev.offset, ev.region, ev.count) + data)
+        if isinstance(ev, vu.RegionWrite):
+            if not self._region_write(ev.region, ev.offset, ev.data):
+                return conn.error_reply(ev, vu.EINVAL)
+            return conn.reply(ev, vu.REGION_ACCESS.pack(ev.offset, ev.region, ev.count))
+        if isinstance(ev, vu.SetIrqs):
+            errno = self._set_irqs(ev)
+            return conn.error_reply(ev, errno) if errno else conn.reply(ev)
+        if isinstance(ev, vu.GetDeviceInfo):
+            if ev.argsz < vu.DEVICE_INFO.size:
+                return conn.error_reply(ev, vu.EINVAL)
+            return conn.reply(ev, vu.DEVICE_INFO.pack(
+                vu.DEVICE_INFO.size, vu.DEVICE_FLAGS_PCI | vu.DEVICE_FLAGS_RESET,
+                NUM_REGIONS, NUM_IRQS))
+        if isinstance(ev, vu.GetRegionInfo):
+            if ev.argsz < vu.REGION_INFO.size or ev.index >= NUM_REGIONS:
+                return conn.error_reply(ev, vu.EINVAL)
+            flags, size = t.region_info(ev.index)
+            return conn.reply(ev, vu.REGION_INFO.pack(vu.REGION_INFO.size, flags, ev.index,
+                                                      0, size, 0))
+        if isinstance(ev, vu.GetIrqInfo):
+            if ev.argsz < vu.IRQ_INFO.size or ev.index >= NUM_IRQS:
+                return conn.error_reply(ev, vu.EINVAL)
+            flags, count = t.irq_info(ev.index)
+            return conn.reply(ev, vu.IRQ_INFO.pack(vu.IRQ_INFO.size, flags, ev.index, count))
+        if isinstance(ev, vu.DmaMap):
+            for fd in ev.fds:  # the UART does no DMA: nothing to map
+                _close_fd(fd)
+            return conn.reply(ev)
+        if isinstance(ev, vu.DmaUnmap):
+            return conn.reply(ev, vu.DMA_UNMAP.pack(ev.argsz, ev.flags, ev.address, ev.size))
+        if isinstance(ev, vu.DeviceReset):
+            self.config.reset()
+            with self.lock:
+                self.intx.masked = False
+            log.info("%s: device reset by QEMU", self.label)
+            return conn.reply(ev)
+        assert isinstance(ev, vu.Unsupported)
+        for fd in ev.fds:
+            _close_fd(fd)
+        log.debug("%s: unsupported command %d answered ENOSYS", self.label, ev.command)
+        return conn.error_reply(ev, vu.ENOSYS)
+
+    def _region_read(self, region: int, offset: int, count: int) -> bytes | None:
+        if region == CONFIG_REGION:
+            return self.config.read(offset, count)
+        bar = self.bridge.template.bars.get(region)
+        if bar is None or offset + count > bar.size or self.device is None:
+            return None
+        dev = self.device
+        if count in (1, 2, 4, 8):
+            return dev.read(offset, count).to_bytes(count, "little")
+        return bytes(dev.read(offset + i, 1) for i in range(count))
+
+    def _region_write(self, region: int, offset: int, data: bytes) -> bool:
+        if region == CONFIG_REGION:
+            self.config.write(offset, data)
+            return True
+        bar = self.bridge.template.bars.get(region)
+        if bar is None or offset + len(data) > bar.size or self.device is None:
+            return False
+        dev = self.device
+        if len(data) in (1, 2, 4, 8):
+            dev.write(offset, len(data), int.from_bytes(data, "little"))
+        else:
+            for i, b in enumerate(data):
+                dev.write(offset + i, 1, b)
+        return True
+
+    # -- interrupts -------------------------------------------------------------
+
+    def _set_irqs(self, ev: vu.SetIrqs) -> int:
+        """Apply a SET_IRQS; returns 0 or the errno to answer with."""
+        _, count = self.bridge.template.irq_info(ev.index)
+        fds = list(ev.fds)
+        try:
+            if ev.index != INTX_IRQ or ev.start + ev.count > max(count, 1) \
+                    or (count == 0 and ev.count):
+                if ev.count == 0 and ev.data_type == vu.IRQ_SET_DATA_NONE:
+                    return 0  # "disable all" of an index we never enabled
+                return vu.EINVAL
+            if ev.data_type == vu.IRQ_SET_DATA_BOOL and not any(ev.data):
+                return 0  # the action applies to no vector
+            action = ev.action
+            with self.lock:
+                if action == vu.IRQ_SET_ACTION_TRIGGER:
+                    if ev.data_type == vu.IRQ_SET_DATA_EVENTFD:
+                        old, self.trigger_fd = self.trigger_fd, (fds.pop(0) if fds else None)
+                        if old is not None:
+                            _close_fd(old)
+                        if self.trigger_fd is None:
+                            self.intx.disable()
+                        elif self.intx.enable():
+                            self._signal()
+                    elif ev.count == 0:  # DATA_NONE, count 0: disable the index
+                        old, self.trigger_fd = self.trigger_fd, None
+                        self.intx.disable()
+                        if old is not None:
+                            _close_fd(old)
+                    elif self.trigger_fd is not None:  # the client triggers it itself
+                        self._signal()
+                elif action == vu.IRQ_SET_ACTION_UNMASK:
+                    if ev.data_type == vu.IRQ_SET_DATA_EVENTFD:
+                        # KVM's resample fd: signalled at the guest's EOI; we read it.
+                        old, self.unmask_fd = self.unmask_fd, (fds.pop(0) if fds else None)
+                        if old is not None:
+                            _close_fd(old)
+                    elif self.intx.unmask():
+                        self._signal()
+                else:  # MASK
+                    if ev.data_type != vu.IRQ_SET_DATA_EVENTFD:
+                        self.intx.mask()
+            return 0
+        finally:
+            for fd in fds:  # descriptors we did not keep
+                _close_fd(fd)
+
+    def _unmask(self) -> None:
+        with self.lock:
+            if self.intx.unmask():
+                self._signal()
+
+    def interrupt(self, level: bool) -> None:
+        """The server changed the device's line (called on a link's thread)."""
+        with self.lock:
+            if self.intx.set_level(level):
+                self._signal()
+
+    def _signal(self) -> None:
+        # Under self.lock. A full eventfd counter (never, in practice) or a closed fd
+        # must not take the link's thread down.
+        fd = self.trigger_fd
+        if fd is None:
+            return
+        try:
+            os.write(fd, _ONE)
+        except OSError as e:
+            log.warning("%s: cannot signal the INTx eventfd: %s", self.label, e)
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class Bridge:
+    """Serves one remote device to any number of QEMUs on one UNIX socket."""
+
+    def __init__(self, socket_path: str | os.PathLike[str], target: Target,
+                 servers: dict[str, tuple[str, int]], template: Template, *,
+                 vias: dict[str, str] | None = None, tls: TlsConfig | None = None,
+                 timeout: float = 1.0, first_vm_id: int = 1, client_name: str = "bridge",
+                 link_factory: Callable[..., ServerLink] = ServerLink) -> None:
+        self.socket_path = Path(socket_path)
+        self.target = target
+        self.template = template
+        self.timeout = timeout
+        self.first_vm_id = first_vm_id
+        self.vias = dict(vias or {})
+        via = self.vias.get(target.server)
+        # The link that carries the device's requests, and the server id they name:
+        # "" when that link's server holds (or looks up) the device itself.
+        link_name = target.server if target.server in servers else via
+        if link_name is None or link_name not in servers:
+            raise ValueError(f"no --server (or --via) for server {target.server!r}")
+        self.server_id = "" if link_name == target.server else target.server
+        self.link = link_factory(link_name, servers[link_name], client_name=client_name,
+                                 timeout=timeout, on_interrupt=self._on_interrupt, tls=tls)
+        self.sessions: dict[int, Session] = {}
+        self._lock = threading.Lock()  # sessions, vm ids, (re)connecting the link
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # -- life cycle -------------------------------------------------------------
+
+    def start(self) -> Bridge:
+        """Connect to the server, then listen; raises LinkError or OSError."""
+        self.link.connect(connect_timeout=max(self.timeout, 2.0))
+        path = self.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise OSError(f"{path} exists and is not a socket")
+            path.unlink()  # a stale socket of an earlier run
+        lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lst.bind(str(path))
+        lst.listen(8)
+        lst.settimeout(0.5)
+        self._listener = lst
+        self._accept_thread = threading.Thread(target=self._accept, name="bridge-accept",
+                                               daemon=True)
+        self._accept_thread.start()
+        log.info("serving %s (%s) on %s; BAR accesses go to server %s at %s:%d",
+                 self.target, self.template.name, path, self.link.name, *self.link.address)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout=5)
+        if self._listener is not None:
+            self._listener.close()
+            try:
+                self.socket_path.unlink()
+            except OSError:
+                pass
+        with self._lock:
+            sessions = list(self.sessions.values())
+        for s in sessions:
+            s.stop()
+        for s in sessions:
+            if s.thread is not None:
+                s.thread.join(timeout=5)
+        self.link.close()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if not self._stopping.is_set():
+                    log.error("accept failed: %s", e)
+                return
+            sock.settimeout(None)
+            with self._lock:
+                vm_id = self.first_vm_id
+                while vm_id in self.sessions:
+                    vm_id += 1
+                session = Session(self, sock, vm_id)
+                self.sessions[vm_id] = session
+            log.info("%s: QEMU connected", session.label)
+            t = threading.Thread(target=session.run, name=f"bridge-vm{vm_id}", daemon=True)
+            session.thread = t
+            t.start()
+
+    # -- the remote device --------------------------------------------------------
+
+    def attach(self, vm_id: int) -> RemoteDevice:
+        """Give ``vm_id`` its instance of the device (reconnecting a dead link first).
+
+        A failure is logged and the device reads as removed; the session still
+        answers QEMU, so the guest boots and sees no UART instead of hanging.
+        """
+        window = self.template.window.get(0, 8)
+        spec = MapSpec("port", 0, window - 1, self.target.server, self.target.device)
+        dev = RemoteDevice(self.link, vm_id, spec, self.server_id)
+        dev.label = f"vm {vm_id}: {self.target}"
+        with self._lock:
+            if not self.link.up:
+                # QEMU waits x-msg-timeout (5 s) for its VERSION reply, which waits for
+                # this: connect and attach get one link timeout each (the CLI keeps the
+                # timeout under half of QEMU's).
+                try:
+                    self.link.connect(connect_timeout=self.timeout)
+                except LinkError as e:
+                    log.error("vm %d: %s; the device reads as removed", vm_id, e)
+                    dev.failing = True
+                    return dev
+        status = self.link.attach(vm_id, self.target.device, self.server_id)
+        if status != Status.OK:
+            name = Status(status).name if status in Status._value2member_map_ else status
+            log.error("vm %d: server %s refused device %s: %s; it reads as removed",
+                      vm_id, self.link.name, self.target, name)
+            dev.failing = True
+        else:
+            log.info("vm %d: attached %s", vm_id, self.target)
+        return dev
+
+    def release(self, session: Session) -> None:
+        """A session ended: free its VM id and the server's instance."""
+        # Detach before the id is free again: a QEMU connecting meanwhile would get the
+        # same id, and a later detach would take its new instance away.
+        if self.link.up:
+            self.link.detach(session.vm_id)
+        with self._lock:
+            if self.sessions.get(session.vm_id) is session:
+                del self.sessions[session.vm_id]
+        fwd = session.device.forwarded if session.device else 0
+        log.info("%s: ended (%d BAR accesses forwarded, %d INTx triggers, %d unmasks)",
+                 session.label, fwd, session.intx.triggers, session.intx.unmasks)
+
+    def _on_interrupt(self, vm_id: int, device: str, line: int, level: bool,
+                      client_id: int) -> None:
+        session = self.sessions.get(vm_id)
+        if session is None or device != self.target.device:
+            log.debug("interrupt for vm %d device %s: no such session; dropped", vm_id, device)
+            return
+        session.interrupt(level)

@@ -1,5 +1,5 @@
 # The two commands a newcomer needs; both run the idempotent install first.
-.PHONY: install demo test lint typecheck check bench fresh-check
+.PHONY: install demo test lint typecheck check bench fuzz fresh-check
 
 install:
 	@bash scripts/install.sh
@@ -22,6 +22,15 @@ check: test lint typecheck
 
 bench: install
 	.venv/bin/python bench/roundtrip.py
+
+# The fuzz targets of tests/fuzz/ for longer than CI runs them (3 s each there), with a
+# fresh seed each time; FUZZ_SECONDS=600 make fuzz for a long run. A failure prints its
+# seed: REMOTE_HW_FUZZ_SEED=<seed> reproduces it.
+FUZZ_SECONDS ?= 60
+fuzz: install
+	@seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); echo "fuzz seed $$seed"; \
+	REMOTE_HW_FUZZ_SECONDS=$(FUZZ_SECONDS) REMOTE_HW_FUZZ_SEED=$$seed \
+	.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=0 tests/fuzz
 
 # Rehearse CI: a fresh clone of the committed tree, a new .venv, the test command.
 fresh-check:

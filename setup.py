@@ -1,6 +1,8 @@
-"""The one compiled part of remote-hw: remote_hw.net._fastio (see remote_hw/net/fastio.py).
+"""The compiled parts of remote-hw: remote_hw.net._fastio (the link's hot path, see
+remote_hw/net/fastio.py) and remote_hw.bridge._fastvfu (the bridge's BAR accesses, see
+remote_hw/bridge/fastpath.py).
 
-Everything else is in pyproject.toml.  The extension is optional: where no C compiler
+Everything else is in pyproject.toml.  The extensions are optional: where no C compiler
 or Python headers exist the install still succeeds and remote-hw runs its pure-Python
 path (``remote-hw --version`` and the benchmarks say which one is in use).
 
@@ -44,6 +46,11 @@ class BuildPyWithData(build_py):
 
 
 setup(ext_modules=[Extension("remote_hw.net._fastio", ["remote_hw/net/_fastio.c"], optional=True,
+                             extra_compile_args=["-O2", "-Wall", "-Wextra",
+                                                 "-Wno-unused-parameter"]),
+                   # The bridge's per-access socket calls (remote_hw/bridge/fastpath.py).
+                   Extension("remote_hw.bridge._fastvfu", ["remote_hw/bridge/_fastvfu.c"],
+                             optional=True,
                              extra_compile_args=["-O2", "-Wall", "-Wextra",
                                                  "-Wno-unused-parameter"])],
       cmdclass={"build_py": BuildPyWithData})

@@ -8,6 +8,8 @@
  *                     1: `out dx, al` count times (al = value)
  *                     2: string I/O: `rep insb` count bytes (at most 0x6000) from port
  *                        into 0x1000, then `rep outsb` the same bytes back to port
+ *                     3: `out dx, al` count times, al = value, value + 1, ... (mod 256):
+ *                        a byte stream in which a lost or a doubled byte shows
  *   offset 16  value  byte written in mode 1 and initial al
  * Then it writes al to the debug-exit port 0xf4, so the exit status is
  * (al << 1) | 1 with al = the last byte read (modes 0 and 2; value if count is 0) or
@@ -32,6 +34,8 @@ main:
         je      outs
         cmpl    $2, mode
         je      strs
+        cmpl    $3, mode
+        je      seq
         test    %ecx, %ecx
         jz      done
 1:      in      %dx, %al
@@ -44,6 +48,14 @@ outs:
 2:      out     %al, %dx
         dec     %ecx
         jnz     2b
+        jmp     done
+seq:
+        test    %ecx, %ecx
+        jz      done
+4:      out     %al, %dx
+        inc     %al
+        dec     %ecx
+        jnz     4b
         jmp     done
 strs:
         test    %ecx, %ecx

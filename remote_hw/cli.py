@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 
 from remote_hw import __version__
@@ -35,6 +33,20 @@ def _typed(fn: Callable[[str], object]) -> Callable[[str], object]:
         except ConfigError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     convert.__name__ = fn.__name__.removeprefix("parse_")
+    return convert
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: a number above 0 (``kind`` int or float)."""
+    def convert(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        return value
+    convert.__name__ = kind.__name__
     return convert
 
 
@@ -98,6 +110,38 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-mount", action="store_true",
                         help="do not mount the FUSE view")
 
+    def limits(sp: argparse.ArgumentParser) -> None:
+        from remote_hw.server.limits import Limits
+        d = Limits()
+        g = sp.add_argument_group(
+            "limits", "what one peer may cost the server; each refusal is one log line "
+                      "and, where the protocol allows, an ERROR naming the limit")
+        g.add_argument("--max-connections", type=_positive(int), metavar="N",
+                       default=d.max_connections,
+                       help=f"connections open at once (default {d.max_connections}); "
+                            "more are refused at accept")
+        g.add_argument("--max-per-peer", type=_positive(int), metavar="N",
+                       default=d.max_per_peer,
+                       help=f"connections open at once from one address (default "
+                            f"{d.max_per_peer})")
+        g.add_argument("--handshake-timeout", type=_positive(float), metavar="SECONDS",
+                       default=d.handshake_timeout,
+                       help=f"a connection must say HELLO (TLS handshake included) "
+                            f"within this (default {d.handshake_timeout:g})")
+        g.add_argument("--idle-timeout", type=_positive(float), metavar="SECONDS",
+                       default=d.idle_timeout,
+                       help=f"close a connection from which nothing arrives for this "
+                            f"long; PINGs go out after a third of it, and clients answer "
+                            f"them (default {d.idle_timeout:g})")
+        g.add_argument("--max-instances-per-client", type=_positive(int), metavar="N",
+                       default=d.max_instances_per_client,
+                       help=f"device instances (attachments) one client may hold "
+                            f"(default {d.max_instances_per_client})")
+        g.add_argument("--max-queue", type=_positive(int), metavar="BYTES",
+                       default=d.max_queue,
+                       help=f"interrupts and events queued for a client that does not "
+                            f"read them before it is disconnected (default {d.max_queue})")
+
     s = sub.add_parser("server", help="serve software devices to clients over TCP",
                        description="Serve software devices to clients over TCP.")
     s.add_argument("--listen", type=_typed(lambda t: parse_address(t, "listen address")),
@@ -132,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow", type=_typed(parse_allow), action="append", default=[],
                    metavar="DEVICE=NAME[,NAME...]",
                    help="only these client certificates may use DEVICE (needs TLS); repeat")
+    s.add_argument("--resume-grace", type=_positive(float), default=30.0, metavar="SECONDS",
+                   help="how long a client's devices are kept after its connection is "
+                        "lost, for it to reconnect and resume (default 30)")
+    limits(s)
     tls(s, "server")
     mount(s)
     common(s)
@@ -249,16 +297,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from remote_hw import commands
     handler = getattr(commands, f"cmd_{args.command}")
     return int(handler(args) or 0)
-
-
-def wait_for_signal(stop: threading.Event) -> None:
-    """Block until SIGINT/SIGTERM (or ``stop`` is set by someone else)."""
-    def handler(signum: int, frame: object) -> None:
-        stop.set()
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    while not stop.wait(0.5):
-        pass
 
 
 if __name__ == "__main__":

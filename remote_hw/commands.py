@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 
 from remote_hw.backends.base import BackendUnavailable
-from remote_hw.cli import wait_for_signal
 from remote_hw.client.agent import Agent
 from remote_hw.client.vmm.vm import STATUS_RESET, STATUS_STOPPED
 from remote_hw.config import (
@@ -27,6 +26,7 @@ from remote_hw.net.security import KeyMaterialError, TlsConfig
 from remote_hw.protocol.messages import Direction
 from remote_hw.server.directory import DirectoryError
 from remote_hw.server.fuse import FuseError, FuseView, default_mountpoint
+from remote_hw.signals import wait_for_signal
 
 log = logging.getLogger("remote_hw")
 
@@ -72,6 +72,16 @@ def _tls(args: argparse.Namespace, default_name: str) -> TlsConfig | None:
     return tls
 
 
+def _limits(args: argparse.Namespace):
+    """The server's Limits from its --max-*/--*-timeout options."""
+    from remote_hw.server.limits import Limits
+    return Limits(max_connections=args.max_connections, max_per_peer=args.max_per_peer,
+                  handshake_timeout=args.handshake_timeout,
+                  idle_timeout=args.idle_timeout,
+                  max_instances_per_client=args.max_instances_per_client,
+                  max_queue=args.max_queue)
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     if args.list_devices or args.list_backends:
         from remote_hw.plugin_listing import list_plugins
@@ -88,7 +98,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         dynamic = EtcdDirectory(args.directory, ttl=args.lease) if args.directory else None
         server = _start_server(args.listen, args.server_id, args.device, args.trace, tls=tls,
                                directory=LayeredDirectory(static, dynamic),
-                               acl=dict(args.allow))
+                               acl=dict(args.allow), limits=_limits(args))
+        server.router.resumes.grace = args.resume_grace
     except (ConfigError, KeyMaterialError) as e:
         return _usage_error("server", str(e))
     except BackendUnavailable as e:  # the machine lacks a device (evdev): not a usage error
@@ -141,7 +152,8 @@ def _mount_view(controller, args: argparse.Namespace):
 
 def cmd_export(args: argparse.Namespace) -> int:
     from remote_hw.backends.base import BackendError
-    from remote_hw.backends.tty import TtyBackend, export_settings, resolve_devnode, udev_properties
+    from remote_hw.backends.tty import TtyBackend
+    from remote_hw.export import export_settings, resolve_devnode, udev_properties
     try:
         devnode = resolve_devnode(args.name)
         settings = export_settings(devnode, properties=udev_properties(devnode),

@@ -68,6 +68,12 @@ class DeviceSpec:
     options: dict[str, str] = field(default_factory=dict)
 
 
+def _backend_options(backend: str) -> frozenset[str]:
+    """Option keys of the backend named in ``backend=NAME:ARG`` (``token``, ...)."""
+    from remote_hw.backends.registry import backend_options
+    return backend_options(backend)
+
+
 def parse_device(text: str) -> DeviceSpec:
     """Parse ``uart0=uart16550,backend=tcp:127.0.0.1:7701`` and friends."""
     ident, sep, rest = text.partition("=")
@@ -80,12 +86,16 @@ def parse_device(text: str) -> DeviceSpec:
     backend = None
     shared = False
     options: dict[str, str] = {}
+    backend_keys: frozenset[str] = frozenset()
     for p in params:
         key, eq, value = p.partition("=")
         if key == "backend":
             if ":" not in value:
                 raise ConfigError(f"backend {value!r} must be NAME:ARG (e.g. tcp:127.0.0.1:7701)")
             backend = value
+            backend_keys = _backend_options(value)
+        elif backend is not None and eq and key in backend_keys:
+            backend += f",{p}"  # the backend's own option (token=FILE, mode=0660)
         elif key == "shared" and not eq:
             shared = True
         elif eq and key:

@@ -64,12 +64,21 @@ def _build(script: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _stale(src: Path, image: Path) -> bool:
+    """A checkout's image older than a source file (an edited guest, or an include
+    it uses): rebuilt, so a test never runs yesterday's guest. An installation's
+    build folder is named by the sources' digest and cannot go stale."""
+    built = image.stat().st_mtime
+    return any(p.is_file() and p.suffix in (".S", ".inc", ".sh") and p.stat().st_mtime > built
+               for p in src.iterdir())
+
+
 def guest_image(name: str) -> Path:
     """Path of a built guest (e.g. ``echo.bin``); runs guests/build.sh if it is missing."""
     src = resources.guests_dir()
     out = build_dir(src)
     path = out / name
-    if path.exists():
+    if path.exists() and not (resources.in_checkout(src) and _stale(src, path)):
         return path
     script = src / "build.sh"
     if not script.exists():

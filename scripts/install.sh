@@ -36,7 +36,7 @@ bash scripts/install_bpf.sh
 bash scripts/install_qemu.sh  # QEMU >= 10.1 (vfio-user-pci) in a trixie chroot, for `remote-hw bridge` (docs/bridge.md)
 
 # The project's Python environment. The stamp records the hash of pyproject.toml,
-# setup.py and the C source, so a dependency change reinstalls, a changed extension is
+# setup.py and the C sources, so a dependency change reinstalls, a changed extension is
 # rebuilt, and an unchanged tree costs nothing.
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -44,7 +44,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.remote-hw-installed
-want=$(cat pyproject.toml setup.py remote_hw/net/_fastio.c | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py remote_hw/net/_fastio.c remote_hw/bridge/_fastvfu.c | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "install: pip install -e .[test]"
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'

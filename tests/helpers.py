@@ -205,3 +205,81 @@ class InterruptRecorder:
     def wait_for(self, item: tuple[int, str, int, bool], timeout: float = 5.0) -> bool:
         with self.cond:
             return self.cond.wait_for(lambda: item in self.seen, timeout)
+
+
+class RawClient:
+    """A protocol client on a bare socket, for tests that must misbehave on purpose
+    (not answer PINGs, stop reading, send what a real link never would). It speaks
+    through a sans-I/O ``Connection``, so what it sends is valid unless it says so.
+    """
+
+    def __init__(self, port: int, *, features: int | None = None, name: str = "raw",
+                 source: str | None = None, rcvbuf: int | None = None,
+                 hello: bool = True, timeout: float = 10.0) -> None:
+        from remote_hw.protocol import Connection, Role
+        from remote_hw.protocol import messages as m
+        self.m = m
+        self.sock = socket.socket()
+        if rcvbuf is not None:   # before connect, so the window is small from the start
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if source is not None:
+            self.sock.bind((source, 0))
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
+        self.conn = Connection(Role.CLIENT)
+        self.events: list = []
+        self._rid = 0
+        if hello:
+            kw = {} if features is None else {"features": features}
+            self.send(m.Hello(name=name, **kw))
+            welcome = self.next()
+            assert isinstance(welcome, m.Welcome), welcome
+
+    def send(self, msg) -> None:
+        self.sock.sendall(self.conn.send(msg))
+
+    def next(self, timeout: float | None = None):
+        """The next message (interrupts included), or CLOSED at EOF."""
+        from remote_hw.protocol import NEED_DATA
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        while True:
+            ev = self.conn.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            self.conn.receive_data(data)
+
+    def reply(self, rid: int, timeout: float | None = None):
+        """The FEEDBACK (or ERROR) for request ``rid``; other messages are kept in
+        ``events``."""
+        m = self.m
+        while True:
+            ev = self.next(timeout)
+            if isinstance(ev, (m.Feedback, m.Error)) and ev.request_id == rid:
+                return ev
+            self.events.append(ev)
+
+    def rid(self) -> int:
+        self._rid += 1
+        return self._rid
+
+    def attach(self, vm: int, device: str, timeout: float | None = None):
+        rid = self.rid()
+        self.send(self.m.Attach(request_id=rid, vm_id=vm, client_id=0, server_id="",
+                                device_id=device))
+        return self.reply(rid, timeout)
+
+    def io(self, vm: int, device: str, offset: int, size: int = 1, write: bool = False,
+           data: int = 0, timeout: float | None = None):
+        rid = self.rid()
+        self.send(self.m.IoRequest(request_id=rid, vm_id=vm, client_id=0, offset=offset,
+                                   data=data, kind=0, size=size, direction=int(write),
+                                   hops=0, server_id="", device_id=device))
+        return self.reply(rid, timeout)
+
+    def close(self) -> None:
+        self.sock.close()

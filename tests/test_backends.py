@@ -74,8 +74,9 @@ def connect(b: TcpBackend) -> socket.socket:
 def test_registry() -> None:
     from remote_hw.backends.evdev import EvdevBackend
     from remote_hw.backends.tty import TtyBackend
+    from remote_hw.backends.unix import UnixBackend
     assert {"tcp": TcpBackend, "file": FileBackend, "tty": TtyBackend,
-                        "evdev": EvdevBackend} == BACKENDS
+            "evdev": EvdevBackend, "unix": UnixBackend} == BACKENDS
 
 
 def test_tcp_both_directions(tcp) -> None:

@@ -359,6 +359,26 @@ def test_front_answers_config_locally_and_forwards_bar0(bridge):
         c.close()
 
 
+def test_posted_writes_in_one_burst_are_all_applied_in_order(bridge):
+    """QEMU 11.1 posts BAR writes (NO_REPLY) without waiting: several arrive in one
+    read. Each must reach the server in order, none may be answered, and the read
+    that follows sees the last one."""
+    c = VfioClient(str(bridge.socket_path))
+    try:
+        c.handshake()
+        posted = b"".join(cmd(100 + i, vu.Command.REGION_WRITE,
+                              vu.REGION_ACCESS.pack(7, 0, 1) + bytes([0x10 + i]),
+                              vu.FLAG_NO_REPLY) for i in range(5))
+        c.sock.sendall(posted + region_read(200, 0, 7, 1))
+        header = c._exact(vu.HEADER_SIZE)
+        msg_id, command, size, flags, _ = vu.HEADER.unpack(header)
+        assert (msg_id, command, flags) == (200, vu.Command.REGION_READ, vu.FLAG_REPLY)
+        assert c._exact(size - vu.HEADER_SIZE)[16] == 0x14  # the last write, the 5th
+        assert bridge.sessions[1].device.forwarded == 6
+    finally:
+        c.close()
+
+
 def test_a_broken_client_is_closed_alone_and_vms_keep_their_own_instances(bridge):
     good, bad = VfioClient(str(bridge.socket_path)), VfioClient(str(bridge.socket_path))
     try:
@@ -418,6 +438,12 @@ def test_interrupts_become_eventfd_triggers_with_auto_mask(bridge):
         os.close(efd)
 
 
+def _proc_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (R, S, T for stopped, ...)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
 def test_a_dead_or_silent_server_reads_as_a_removed_device(bridge, uart_server):
     proc, _ = uart_server
     c = VfioClient(str(bridge.socket_path))
@@ -426,6 +452,9 @@ def test_a_dead_or_silent_server_reads_as_a_removed_device(bridge, uart_server):
         c.bar_write(7, 0x42)
         assert c.bar_read(7) == 0x42
         os.kill(proc.p.pid, signal.SIGSTOP)  # silent: the link times out (1 s)
+        # kill() returns before the stop takes hold: a request sent meanwhile would
+        # still be answered.
+        wait_until(lambda: _proc_state(proc.p.pid) == "T", "the server to stop")
         assert c.bar_read(7) == 0xFF
         assert c.bar_read(5) == 0xFF  # the link is down now: at once, no second wait
         os.kill(proc.p.pid, signal.SIGCONT)

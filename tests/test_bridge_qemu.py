@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -274,13 +275,70 @@ TX_CMD = ('i=0; while [ $i -lt 40 ]; do printf "line %02d: the quick brown fox j
           'the lazy dog\\n" $i; i=$((i+1)); done >&3')
 
 
+def start_mounted_server(mnt: Path, *devices: str) -> tuple[Proc, int]:
+    """A server with its FUSE view at ``mnt`` (docs/fuse.md) and --trace on."""
+    argv = ["server", "--listen", "127.0.0.1:0", "--server-id", "a", "--mount", str(mnt),
+            "--trace"]
+    for d in devices:
+        argv += ["--device", d]
+    proc = Proc(remote_hw_cmd(*argv))
+    port = int(proc.wait_for(r"listening on [\d.]+:(\d+)").group(1))
+    wait_until(lambda: (mnt / "server").exists(), f"the FUSE view at {mnt}")
+    return proc, port
+
+
+def fuse_status(mnt: Path, device: str = "uart0", vm_id: int = 1) -> dict[str, int]:
+    """The numbers of the FUSE ``status`` file of ``vm_id``'s instance of ``device``
+    (lines ``name: value``, values above 9 followed by their hex: ``lcr: 26 (0x1a)``)."""
+    paths = glob.glob(str(mnt / "sessions" / f"client*-vm{vm_id}" / device / "status"))
+    assert len(paths) == 1, (paths, sorted(os.listdir(mnt / "sessions")))
+    out = {}
+    for line in Path(paths[0]).read_text().splitlines():
+        name, sep, value = line.partition(": ")
+        if sep and value.split()[0].isdigit():
+            out[name] = int(value.split()[0])
+    return out
+
+
+def registers_become(mnt: Path, what: str, ok: Callable[[dict[str, int]], bool]
+                     ) -> dict[str, int]:
+    """Wait until the FUSE status satisfies ``ok``; fail showing the last status."""
+    last: dict[str, int] = {}
+
+    def check() -> bool:
+        last.clear()
+        last.update(fuse_status(mnt))
+        return ok(last)
+
+    try:
+        wait_until(check, f"{what} in the FUSE status", timeout=STEP_TIMEOUT)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; it shows {last}") from None
+    return last
+
+
+def _unmount(mnt: Path) -> None:
+    """Detach the view the killed server left, so the temporary folder can go.
+
+    Read from /proc/self/mountinfo: a dead FUSE mount fails every stat with ENOTCONN,
+    so os.path.ismount says False for it.
+    """
+    with open("/proc/self/mountinfo") as f:
+        mounted = any(line.split()[4] == str(mnt) for line in f)
+    if mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.fuse
 def test_linux_drives_a_remote_uart_through_the_bridge(tmp_path, guest):
     """One boot: 8250_pci binds the bridged device as a 16550A; text out arrives byte
     for byte at the server's backend; text in is read by the guest through interrupts;
-    stty reaches the remote registers; then the server is killed mid-write and QEMU,
-    the guest and the bridge all carry on."""
+    stty's speed and parity show in the server's register state (its FUSE ``status``
+    file); then the server is killed mid-write and QEMU, the guest and the bridge all
+    carry on."""
     kernel, initrd = guest
-    server, port = start_server("uart0=uart16550,backend=tcp:127.0.0.1:0", extra=("--trace",))
+    mnt = tmp_path / "view"
+    server, port = start_mounted_server(mnt, "uart0=uart16550,backend=tcp:127.0.0.1:0")
     sock = tmp_path / "uart.sock"
     bridge = start_bridge(sock, port)
     vm = Guest(kernel, initrd, sock)
@@ -310,9 +368,19 @@ def test_linux_drives_a_remote_uart_through_the_bridge(tmp_path, guest):
         after = irq_count(vm.run("cat /proc/interrupts"))
         assert after > before, (before, after)
 
-        # stty reaches the remote registers: 9600 baud 7E1 writes LCR 0x1a and the
-        # divisor 12 (115200/9600), as a real 16550 would see them.
+        # stty reaches the remote registers, as the server's FUSE view shows them:
+        # 115200 8N1 is LCR word length 8 (bits 0-1 = 3) without parity (bit 3), with
+        # divisor 1 (Linux sets the even-parity bit 4 all the same); 9600 baud 7E1 is
+        # LCR 0x1a (7 bits, parity on, even) with divisor 12 (115200/9600), as a real
+        # 16550 sees them. (Polled all the same: QEMU may post BAR writes,
+        # x-no-posted-writes=off, and then stty could return before the last write
+        # reached the server; for this I/O BAR it was seen to wait for each one.)
+        registers_become(mnt, "115200 8N1", lambda r: r["lcr"] & 0x0B == 0x03
+                         and (r["divisor"], r["baud"]) == (1, 115200))
         vm.run("stty -F /dev/ttyS1 9600 cs7 parenb -parodd")
+        registers_become(mnt, "9600 7E1", lambda r: (r["lcr"], r["divisor"], r["baud"])
+                         == (0x1A, 12, 9600))
+        # And the register writes themselves, in the server's --trace.
         server.wait_for(r"uart0 W \+3 = 0x1a", STEP_TIMEOUT)
         server.wait_for(r"uart0 W \+0 = 0x0c", STEP_TIMEOUT)
 
@@ -334,6 +402,7 @@ def test_linux_drives_a_remote_uart_through_the_bridge(tmp_path, guest):
         vm.stop()
         bridge.stop()
         server.stop()
+        _unmount(mnt)
     assert "Traceback" not in bridge.output(), bridge.output()
 
 

@@ -99,6 +99,12 @@ def test_the_c_fast_path_is_built_and_in_use() -> None:
     assert fastio.enabled(), fastio.status()[1]
 
 
+def test_the_bridge_fast_path_is_built_and_in_use() -> None:
+    # The same for the bridge's C helper (remote_hw/bridge/_fastvfu.c).
+    from remote_hw.bridge import fastpath
+    assert fastpath.status()[0], fastpath.status()[1]
+
+
 def test_qemu_with_vfio_user_and_a_stock_kernel_for_the_bridge() -> None:
     # QEMU >= 10.1 lives in install_qemu.sh's trixie chroot (Debian 12 has 7.2).
     root = Path(os.environ.get("REMOTE_HW_QEMU_ROOT", "/var/lib/remote-hw/trixie"))

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from remote_hw.net import fastio
-from remote_hw.protocol import codec
+from remote_hw.protocol import FeedbackFields, IoRequestFields, codec
 from remote_hw.protocol.messages import AccessKind, Direction, MsgType, Status
 
 # Skipped (with the reason) where the extension is not built or disagrees with the
@@ -50,14 +50,15 @@ def _learn(server_id: str, device: str) -> None:
 
 
 @st.composite
-def io_fields(draw) -> tuple:
+def io_fields(draw) -> IoRequestFields:
     """Valid IO_REQUEST fields in wire order, with ids the codec has already seen."""
     size = draw(st.sampled_from([1, 2, 4, 8]))
     sid, did = draw(st.one_of(st.just(""), ids)), draw(ids)
     _learn(sid, did)
-    return (draw(u64), draw(u32), draw(u32), draw(u64), draw(st.integers(0, 2**(8 * size) - 1)),
-            draw(st.sampled_from(list(AccessKind))), size,
-            draw(st.sampled_from(list(Direction))), draw(st.integers(0, 255)), sid, did)
+    return IoRequestFields(
+        draw(u64), draw(u32), draw(u32), draw(u64), draw(st.integers(0, 2**(8 * size) - 1)),
+        draw(st.sampled_from(list(AccessKind))), size, draw(st.sampled_from(list(Direction))),
+        draw(st.integers(0, 255)), sid, did)
 
 
 @settings(max_examples=300, deadline=None)
@@ -67,13 +68,19 @@ def test_recv_io_matches_the_codec(fields):
     a, b = socket.socketpair()
     with a, b:
         a.sendall(frame)
-        assert fastio.recv_io(b.fileno()) == codec.io_request_fields(frame, 8, len(frame))
+        got = fastio.recv_io(b.fileno())
+    want = codec.io_request_fields(frame, 8, len(frame))
+    # The same named tuple from both: callers read got.device_id, never got[10].
+    assert type(got) is IoRequestFields and type(want) is IoRequestFields
+    assert got == want == fields
+    assert got._asdict() == fields._asdict()
 
 
 @settings(max_examples=300, deadline=None)
 @given(io_fields())
 def test_request_encodes_as_the_codec(fields):
-    rid, vm, cid, size, data = fields[0], fields[1], fields[2], fields[6], fields[4]
+    rid, vm, cid, size, data = (fields.request_id, fields.vm_id, fields.client_id,
+                                fields.size, fields.data)
     a, b = socket.socketpair()
     with a, b:
         b.sendall(codec.encode_feedback(rid, vm, cid, Status.OK, size, data))
@@ -109,7 +116,7 @@ def test_recv_io_on_damaged_frames_agrees_with_the_codec(fields, at, value, cut)
     with a, b:
         a.sendall(frame)
         got = fastio.recv_io(b.fileno())
-    if type(got) is tuple:
+    if type(got) is IoRequestFields:
         hdr = struct.unpack_from("<2sBBI", frame)
         assert hdr == (b"RH", MsgType.IO_REQUEST, 0, len(frame) - 8)
         assert got == codec.io_request_fields(frame, 8, len(frame))
@@ -133,7 +140,8 @@ def test_request_on_damaged_answers_agrees_with_the_codec(rid, status, size, raw
     if type(got) is tuple:
         f = codec.feedback_fields(answer, 8, len(answer))
         assert answer[:8] == b"RH\x04\x00" + struct.pack("<I", 28)
-        assert f is not None and f[0] == rid and got == (f[3], f[5])
+        assert type(f) is FeedbackFields
+        assert f.request_id == rid and got == (f.status, f.data)
     else:
         assert got == answer
 
@@ -265,3 +273,51 @@ def test_version_says_whether_it_is_in_use():
                              capture_output=True, text=True, cwd=root,
                              env={**os.environ, **env})
         assert out.returncode == 0 and out.stdout.strip().endswith(want), out
+
+
+@settings(max_examples=100, deadline=None)
+@given(u64, u32, u32, st.sampled_from(list(Status)), st.sampled_from([0, 1, 2, 4, 8]), u64)
+def test_feedback_fields_are_named(rid, vm, cid, status, size, raw):
+    # What the client's hot path reads (Connection.next_feedback): f.status, f.data.
+    data = raw & ((1 << (8 * size)) - 1) if size else 0
+    frame = codec.encode_feedback(rid, vm, cid, status, size, data)
+    f = codec.feedback_fields(frame, 8, len(frame))
+    assert type(f) is FeedbackFields
+    assert f._asdict() == {"request_id": rid, "vm_id": vm, "client_id": cid,
+                           "status": status, "size": size, "data": data}
+
+
+def test_configure_refuses_a_class_it_cannot_build():
+    # A tuple subclass with a __dict__ is not laid out like a tuple: refused, and the
+    # configuration in use is left as it was.
+    from remote_hw.net import _fastio
+
+    class Loose(tuple):
+        pass
+
+    with pytest.raises(TypeError, match="NamedTuple"):
+        _fastio.configure({}, {}, {}, 0, 0, 0, Loose)
+    with pytest.raises(TypeError):
+        _fastio.configure({}, {}, {}, 0, 0, 0, dict)
+    frame = _io(rid=77)
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(frame)
+        assert type(fastio.recv_io(b.fileno())) is IoRequestFields
+
+
+def test_recv_io_never_changes_a_result_someone_holds(pair):
+    # recv_io refills results nobody holds any more (as zip() does); one that is kept,
+    # however many calls later, keeps its values.
+    import gc
+    a, b = pair
+    kept = []
+    for rid in range(6):
+        a.sendall(_io(rid=rid, data=rid & 0xFF))
+        got = fastio.recv_io(b.fileno())
+        assert type(got) is IoRequestFields and got.request_id == rid
+        if rid % 2:
+            kept.append(got)
+        del got
+        gc.collect()
+    assert [(k.request_id, k.data) for k in kept] == [(1, 1), (3, 3), (5, 5)]

@@ -67,7 +67,7 @@ class FakeKeyboard(Device):
     def write(self, offset: int, size: int, value: int) -> None:
         pass
 
-    def key_event(self, code: int, pressed: bool) -> None:
+    def key(self, code: int | str, pressed: bool) -> None:
         self.keys.append((code, pressed))
 
     def status(self):
@@ -325,7 +325,7 @@ def test_input_types_text_into_an_i8042(ctl, view):
     assert bytes(got) == b"\x1c\xf0\x1c"                         # set 2: A down, A up
 
 
-def test_input_and_keys_for_a_model_with_key_event_only(ctl, view):
+def test_input_and_keys_for_a_model_with_key_only(ctl, view):
     ctl.attach(1, 1, "keys0", RecordingSink())
     inst = next(i for i in ctl.instances() if i.spec.id == "keys0")
     d = mnt(view) / "devices" / "keys0" / "0"

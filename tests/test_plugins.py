@@ -39,7 +39,7 @@ from helpers import REPO, Proc, remote_hw_cmd, start_server, wait_until
 
 SAMPLE = REPO / "samples" / "remote-hw-sample"
 BUILT_IN_DEVICES = {"uart16550", "cmos-rtc", "i8042"}
-BUILT_IN_BACKENDS = {"tcp", "file", "tty", "evdev"}
+BUILT_IN_BACKENDS = {"tcp", "file", "tty", "evdev", "unix"}
 SCRATCH_MAP = "port:0x300-0x309=a/s0"
 ECHO_UART_MAP = "port:0x3f8-0x3ff=a/u0,irq=4"
 GUEST_PASSED = 85          # guests/scratch.S: 0x2a to port 0xf4
@@ -231,7 +231,7 @@ def test_unknown_kind_names_the_known_ones():
                                          r"i8042, uart16550\)"):
         create_device("nope")
     with pytest.raises(BackendError, match=r"unknown backend 'nope' \(known backends: "
-                                           r"evdev, file, tcp, tty\)"):
+                                           r"evdev, file, tcp, tty, unix\)"):
         backend_class("nope:x")
 
 

@@ -40,6 +40,7 @@ from remote_hw.protocol import (
     encode_feedback,
     encode_io_request,
 )
+from remote_hw.protocol import messages as m_
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
@@ -68,6 +69,8 @@ SAMPLES = [
     Attach(request_id=1, vm_id=2, client_id=3, server_id="", device_id="rtc"),
     Detach(request_id=U64, vm_id=U32, client_id=U32),
     Event(vm_id=1, client_id=2, device_id="wdt", name="reset-request"),
+    m_.Resume(request_id=5, token=U64),
+    m_.Origin(request_id=6, client_id=U32, name="alice"),
 ]
 
 # The v1 layouts written out independently of the table in messages.py (from
@@ -108,6 +111,11 @@ def expected_payload(m) -> bytes:
     if isinstance(m, Event):
         return (le(m.vm_id, 4) + le(m.client_id, 4) + le(len(m.device_id), 1)
                 + le(len(m.name), 1) + m.device_id.encode() + m.name.encode())
+    if isinstance(m, m_.Resume):
+        return le(m.request_id, 8) + le(m.token, 8)
+    if isinstance(m, m_.Origin):
+        return (le(m.request_id, 8) + le(m.client_id, 4) + le(len(m.name), 1)
+                + m.name.encode())
     raise AssertionError(m)
 
 
@@ -140,7 +148,7 @@ def test_fixed_part_sizes_match_the_documented_layouts():
         MsgType.HELLO: 14, MsgType.WELCOME: 17, MsgType.IO_REQUEST: 38,
         MsgType.FEEDBACK: 28, MsgType.INTERRUPT: 12, MsgType.ERROR: 12,
         MsgType.PING: 8, MsgType.PONG: 8, MsgType.ATTACH: 18, MsgType.DETACH: 16,
-        MsgType.EVENT: 10,
+        MsgType.EVENT: 10, MsgType.RESUME: 16, MsgType.ORIGIN: 13,
     }
 
 
@@ -214,7 +222,7 @@ def test_string_lengths_that_do_not_consume_the_payload_are_named():
     assert "device_id 6" in e.text and "server_id 4" in e.text
 
 
-@pytest.mark.parametrize("t", [0, 12, 99, 255])
+@pytest.mark.parametrize("t", [0, 14, 99, 255])
 def test_unknown_type(t):
     e = raises_remote(ErrorCode.UNKNOWN_TYPE, t, b"")
     assert str(t) in e.text

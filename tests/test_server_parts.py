@@ -50,10 +50,13 @@ def test_policy_allow_lists():
     with pytest.raises(ValueError, match="needs TLS"):
         AccessPolicy(None, {"uart0": {"alice"}})
     p = AccessPolicy(object(), {"uart0": {"alice"}})  # type: ignore[arg-type]
-    assert p.allowed("alice", False, "uart0")
-    assert not p.allowed("bob", False, "uart0")
-    assert p.allowed("bob", True, "uart0")        # a peer was checked where it entered
-    assert p.allowed("bob", False, "rtc0")        # no list: open
+    assert p.allowed("alice", "uart0")
+    assert not p.allowed("bob", "uart0")
+    # A forwarded request is checked against the origin the peer named; a peer that
+    # named nobody (before FEATURE_ORIGIN) is refused where there is a list.
+    assert not p.allowed(None, "uart0")
+    assert p.allowed(None, "rtc0")
+    assert p.allowed("bob", "rtc0")               # no list: open
 
 
 # ------------------------------------------------------------------ router
@@ -81,9 +84,11 @@ def test_router_numbers_clients_and_relays_to_their_sinks():
 # ------------------------------------------------------------------ capabilities
 
 def test_the_built_in_models_declare_their_abilities():
+    names = {ByteStream: "ByteStream", Clock: "Clock", Keyboard: "Keyboard",
+             TextInput: "TextInput"}
+
     def abilities(model) -> set[str]:
-        return {p.__name__ for p in (ByteStream, Clock, Keyboard, TextInput)
-                if isinstance(model, p)}
+        return {name for p, name in names.items() if isinstance(model, p)}
     assert abilities(CmosRtc()) == {"Clock"}
     assert abilities(Uart16550()) == {"ByteStream"}
     assert abilities(I8042()) == {"ByteStream", "Keyboard", "TextInput"}

@@ -12,8 +12,9 @@ import pytest
 
 from remote_hw.backends.base import BackendError
 from remote_hw.backends.registry import open_backend
-from remote_hw.backends.tty import TtyBackend, export_settings, parse_tty_arg, resolve_devnode
+from remote_hw.backends.tty import TtyBackend, parse_tty_arg
 from remote_hw.config import ConfigError, DeviceSpec
+from remote_hw.export import export_settings, resolve_devnode
 from remote_hw.protocol.messages import Direction
 from remote_hw.server.controller import Controller
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_hw.backends.tty import export_settings
+from remote_hw.export import export_settings
 from remote_hw.net.link import ServerLink
 from remote_hw.protocol.messages import AccessKind, Direction
 from remote_hw.server.controller import Controller

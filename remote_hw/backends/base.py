@@ -47,6 +47,9 @@ class Backend(ABC):
     ``check`` and ``close`` (see the module docstring)."""
 
     name: ClassVar[str]
+    #: option keys the backend takes after its argument (``tcp:HOST:PORT,token=FILE``);
+    #: in a ``--device`` spec they follow ``backend=`` as ``KEY=VALUE`` items
+    options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, arg: str, label: str, index: int = 0) -> None:
         self.arg = arg

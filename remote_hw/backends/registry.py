@@ -54,6 +54,15 @@ def backend_class(spec: str) -> tuple[type[Backend], str]:
     return cls, arg
 
 
+def backend_options(spec: str) -> frozenset[str]:
+    """The option keys of the backend ``spec`` names (empty when it cannot be loaded:
+    the error is reported where the backend is opened)."""
+    try:
+        return backend_class(spec)[0].options
+    except BackendError:
+        return frozenset()
+
+
 def check_backend(spec: str) -> type[Backend]:
     """Run the backend's start-up check (``Backend.check``); returns its class.
 

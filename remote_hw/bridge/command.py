@@ -119,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; 2 for a usage error, 1 if the server is unreachable."""
     from remote_hw.bridge.front import Bridge, Target
     from remote_hw.bridge.pci import TEMPLATES
-    from remote_hw.cli import wait_for_signal
     from remote_hw.net.link import LinkError
     from remote_hw.net.security import KeyMaterialError, TlsConfig
+    from remote_hw.signals import wait_for_signal
 
     servers = dict(args.server)
     vias = dict(args.via)

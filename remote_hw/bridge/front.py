@@ -13,13 +13,17 @@ in order (vfio-user allows pipelining, and the spec asks for in-order processing
 one thread per socket is both simplest and correct); the links' own threads deliver
 interrupts, which only touch the session's INTx state under its lock.
 
+The common message, one BAR access, takes a short way (:mod:`.fastpath`): the thread
+that reads QEMU's socket recognises it in one call (C when built), makes the register
+access on the link itself (no hand-off to another thread) and sends the reply in one
+more call. Everything else goes through the ServerConnection and :meth:`Session.handle`.
+
 A broken message from one QEMU closes that QEMU's socket only (QEMU then sees the
 device as gone); every other VM carries on.
 """
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import select
@@ -30,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from remote_hw.bridge import fastpath
 from remote_hw.bridge import vfio_user as vu
 from remote_hw.bridge.intx import IntxLine
 from remote_hw.bridge.pci import (
@@ -48,8 +53,7 @@ from remote_hw.protocol.messages import Status
 
 log = logging.getLogger("remote_hw.bridge")
 
-_RECV_SIZE = 65536
-_FD_SPACE = socket.CMSG_SPACE(vu.MAX_MSG_FDS * array.array("i").itemsize)
+_READ = fastpath.READ
 _ONE = (1).to_bytes(8, "little")  # an eventfd write adds this counter value
 
 
@@ -81,6 +85,11 @@ class Session:
         self.error: str | None = None
         self.closed = threading.Event()
         self.thread: threading.Thread | None = None
+        # BAR region -> size: the regions whose accesses go to the server.
+        self._bar_sizes = {index: bar.size for index, bar in bridge.template.bars.items()}
+        self._recv = fastpath.reader(sock)
+        self._reply = fastpath.replier(sock)
+        self._fds: list[int] = []  # descriptors of the last read (the reader appends)
 
     @property
     def label(self) -> str:
@@ -112,7 +121,7 @@ class Session:
             if self.unmask_fd is None and watched_unmask is None:
                 # Only the socket to read (TCG: no resample fd): block in recvmsg and
                 # spare the hot path a poll() call; stop() wakes it with a shutdown.
-                if not self._receive():
+                if not self._serve_socket():
                     return
                 continue
             if self.unmask_fd != watched_unmask:  # SET_IRQS changed the resample fd
@@ -132,32 +141,84 @@ class Session:
                 if not self._receive():
                     return
 
+    def _serve_socket(self) -> bool:
+        """Read and answer until QEMU hangs up (False) or hands over a resample
+        eventfd (True: the caller polls both from then on)."""
+        receive = self._receive
+        while receive():
+            if self.unmask_fd is not None:
+                return True
+        return False
+
     def _receive(self) -> bool:
-        """Read once and answer every complete command; False when QEMU hung up."""
-        data, fds = self._recv()
-        if not data:
+        """Read once and answer; False when QEMU hung up.
+
+        The per-access hot path, kept flat on purpose (every Python call level and
+        attribute lookup costs, and more so right after the context switch that woke
+        this thread): a lone BAR access is read in one call, forwarded on the link by
+        this same thread, and answered in one call.
+        """
+        r = self._recv(self._fds, self.conn.idle)
+        if type(r) is tuple:  # one lone access (fastpath.Access)
+            msg_id, command, flags, offset, region, count, value = r
+            size = self._bar_sizes.get(region)
+            dev = self.device
+            if size is not None and offset + count <= size and dev is not None:
+                if command == _READ:
+                    value = dev.read(offset, count)
+                else:
+                    dev.write(offset, count, value)
+                if not flags:  # flags is 0 or NO_REPLY here
+                    self._reply(msg_id, command, offset, region, count, value)
+                return True
+            return self._other_access(r)
+        if type(r) is list:  # several: writes QEMU posted without waiting for replies
+            for access in r:
+                self._access(access)
+            return True
+        return self._general(r)  # type: ignore[arg-type]
+
+    def _access(self, a: fastpath.Access) -> None:
+        """One access of a batch (what :meth:`_receive` does inline for a lone one)."""
+        msg_id, command, flags, offset, region, count, value = a
+        size = self._bar_sizes.get(region)
+        dev = self.device
+        if size is None or offset + count > size or dev is None:
+            self._other_access(a)
+            return
+        if command == _READ:
+            value = dev.read(offset, count)
+        else:
+            dev.write(offset, count, value)
+        if not flags:
+            self._reply(msg_id, command, offset, region, count, value)
+
+    def _other_access(self, a: fastpath.Access) -> bool:
+        """An access that is not to a BAR: config space, or an error reply."""
+        out = self.handle(fastpath.event(a))
+        if out:
+            self.sock.sendall(out)
+        return True
+
+    def _general(self, r: bytes) -> bool:
+        """Everything but accesses: the other commands, and whatever the fast path
+        does not recognise, through the ServerConnection; False when QEMU hung up."""
+        fds = self._fds[:]
+        self._fds.clear()
+        if not r:
             for fd in fds:
                 _close_fd(fd)
             log.info("%s: QEMU closed the connection", self.label)
             return False
-        self.conn.receive_data(data, fds)
+        conn = self.conn
+        conn.receive_data(r, fds)
         while True:
-            ev = self.conn.next_event()
+            ev = conn.next_event()
             if ev is vu.NEED_DATA:
                 return True
             out = self.handle(ev)  # type: ignore[arg-type]
             if out:
                 self.sock.sendall(out)
-
-    def _recv(self) -> tuple[bytes, list[int]]:
-        data, anc, _flags, _addr = self.sock.recvmsg(_RECV_SIZE, _FD_SPACE)
-        fds: list[int] = []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(payload[:len(payload) - len(payload) % a.itemsize])
-                fds.extend(a)
-        return data, fds
 
     def stop(self) -> None:
         """Wake the session's thread (from another thread) so it ends."""
@@ -391,8 +452,10 @@ class Bridge:
         self._accept_thread = threading.Thread(target=self._accept, name="bridge-accept",
                                                daemon=True)
         self._accept_thread.start()
-        log.info("serving %s (%s) on %s; BAR accesses go to server %s at %s:%d",
-                 self.target, self.template.name, path, self.link.name, *self.link.address)
+        c_on, why = fastpath.status()
+        log.info("serving %s (%s) on %s; BAR accesses go to server %s at %s:%d; "
+                 "per-access calls in %s", self.target, self.template.name, path,
+                 self.link.name, *self.link.address, "C" if c_on else f"Python ({why})")
         return self
 
     def stop(self) -> None:

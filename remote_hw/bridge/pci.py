@@ -131,7 +131,7 @@ class ConfigSpace:
 
 
 #: ``--template`` names. 8 bytes for the UART's BAR, not 16: with 16, 8250_pci guesses
-#: two ports from the BAR length and makes ttyS1 *and* ttyS2 (BRIDGE.md).
+#: two ports from the BAR length and makes ttyS1 *and* ttyS2 (docs/bridge.md).
 TEMPLATES: Final[dict[str, Template]] = {
     "pci-serial": Template(
         name="pci-serial", vendor=0x1B36, device=0x0002, class_code=0x070002, revision=1,

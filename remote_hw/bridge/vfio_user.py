@@ -2,7 +2,7 @@
 
 QEMU's ``vfio-user-pci`` device is a vfio-user *client*; the bridge is the *server*.
 This module knows the message layouts (QEMU's docs/interop/vfio-user.rst, and what
-QEMU 11.1 was seen to send, /work/shared/BRIDGE.md) and the order they may come in,
+QEMU 11.1 was seen to send, docs/bridge.md "What QEMU sends") and the order they may come in,
 and nothing else: no sockets, no threads, no device. As in :mod:`remote_hw.protocol`,
 keeping the parser free of I/O is what lets the tests feed it truncated, malformed
 and out-of-order input byte by byte and check that each gives a named error.
@@ -297,6 +297,13 @@ class ServerConnection:
         pos = self._consumed + len(self._buf)
         self._fds.extend((pos, fd) for fd in fds)
         self._buf += data
+
+    @property
+    def idle(self) -> bool:
+        """Past VERSION with no partial message buffered: the next read starts a new
+        message, so a lone access in it may be answered without this parser
+        (:mod:`remote_hw.bridge.fastpath`)."""
+        return self.state is State.READY and not self._buf and not self._fds
 
     def close_fds(self) -> list[int]:
         """Descriptors received but given to no event (to close on an error or end)."""

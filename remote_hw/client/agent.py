@@ -123,9 +123,11 @@ class Agent:
         # 1 mouse), carried by every INTERRUPT.
         self._irq_routes: dict[tuple[str, int, str, int], tuple[VmHandle, int]] = {}
         self.links: dict[str, ServerLink] = {
+            # reconnect: a lost server is found again, its session resumed or its
+            # devices attached anew (remote_hw/net/recovery.py)
             name: link_factory(name, addr, client_name=client_name, timeout=timeout,
                                on_interrupt=self._interrupt_cb(name),
-                               on_event=self._event_cb(name), tls=tls)
+                               on_event=self._event_cb(name), tls=tls, reconnect=True)
             for name, addr in servers.items()}
         self.vms: dict[int, VmHandle] = {}
         self._done = threading.Condition()

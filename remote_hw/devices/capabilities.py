@@ -19,6 +19,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from remote_hw.input.keys import KeySink
+
 __all__ = ["ByteStream", "Clock", "Keyboard", "TextInput"]
 
 
@@ -35,14 +37,12 @@ class Clock(Protocol):
         ...
 
 
-@runtime_checkable
-class Keyboard(Protocol):
-    """Takes key presses and releases one at a time (the i8042's PS/2 keyboard)."""
-
-    def key_event(self, code: int, pressed: bool) -> object:
-        """One press (``pressed``) or release of the key with Linux key code ``code``.
-        Unknown codes raise :class:`remote_hw.input.keys.UnknownKey`."""
-        ...
+#: Takes key presses and releases one at a time (the i8042's PS/2 keyboard): the input
+#: wing's one key contract, ``key(code, pressed)`` with a Linux key code or name
+#: (unknown keys raise :class:`remote_hw.input.keys.UnknownKey`). The same Protocol
+#: serves evdev readers, uinput devices and the FUSE ``keys`` file, so a model that is
+#: a keyboard implements one method, not one per caller.
+Keyboard = KeySink
 
 
 @runtime_checkable

@@ -69,6 +69,21 @@ static PyObject *s_acquire = NULL, *s_release = NULL;
 static uint64_t status_ok = 0;         /* bit n: status n is valid */
 static uint32_t kind_ok = 0, dir_ok = 0;
 static PyObject *empty_str = NULL;
+/* protocol.IoRequestFields, a NamedTuple: recv_io returns instances of it, so callers
+ * read f.device_id rather than f[10].  A NamedTuple is a tuple subclass with no
+ * per-instance dict (__slots__ = ()), so its tp_alloc gives a tuple of the right type
+ * whose items are set exactly as PyTuple_New's (what tuple.__new__ itself does for a
+ * subclass). */
+static PyTypeObject *io_fields_type = NULL;
+#define IO_NFIELDS 11
+/* A subclass instance cannot come from the tuple free list, and its allocation and
+ * deallocation cost more than a plain tuple's, once per request.  So, as CPython's own
+ * zip() and enumerate() do with their result tuples, recv_io refills a result that
+ * every caller has let go of (its only reference is this pool's) instead of making a
+ * new one.  Two slots: a server loop still holds the previous result while it asks
+ * for the next; any other caller that keeps results just gets fresh ones. */
+#define IO_POOL 2
+static PyObject *io_pool[IO_POOL];
 
 static inline uint16_t rd16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint32_t rd32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -174,17 +189,26 @@ static int parse_fd(PyObject *arg, int *fd) {
 }
 
 PyDoc_STRVAR(configure_doc,
-"configure(id_str, id_bytes, opt_id_bytes, statuses, kinds, dirs)\n\n"
+"configure(id_str, id_bytes, opt_id_bytes, statuses, kinds, dirs, io_fields)\n\n"
 "The codec's caches of valid ids (bytes -> str; str -> bytes; the same with \"\"),\n"
-"and bit masks of the valid status, access kind and direction values.");
+"bit masks of the valid status, access kind and direction values, and the named\n"
+"tuple class recv_io returns (protocol.IoRequestFields).");
 
 static PyObject *configure(PyObject *self, PyObject *args) {
-    PyObject *cache, *enc, *opt_enc;
+    PyObject *cache, *enc, *opt_enc, *cls;
     unsigned long long st;
     unsigned int kinds, dirs;
-    if (!PyArg_ParseTuple(args, "O!O!O!KII", &PyDict_Type, &cache, &PyDict_Type, &enc,
-                          &PyDict_Type, &opt_enc, &st, &kinds, &dirs))
+    if (!PyArg_ParseTuple(args, "O!O!O!KIIO!", &PyDict_Type, &cache, &PyDict_Type, &enc,
+                          &PyDict_Type, &opt_enc, &st, &kinds, &dirs, &PyType_Type, &cls))
         return NULL;
+    PyTypeObject *t = (PyTypeObject *)cls;
+    /* Built like a plain tuple below: only a tuple subclass that adds no storage. */
+    if (!PyType_IsSubtype(t, &PyTuple_Type) || t->tp_basicsize != PyTuple_Type.tp_basicsize ||
+        t->tp_itemsize != PyTuple_Type.tp_itemsize || t->tp_dictoffset != 0)
+        return PyErr_Format(PyExc_TypeError, "io_fields must be a NamedTuple class, not %R",
+                            cls);
+    Py_XSETREF(io_fields_type, (PyTypeObject *)Py_NewRef(cls));
+    for (int i = 0; i < IO_POOL; i++) Py_CLEAR(io_pool[i]);  /* of the previous class */
     Py_XSETREF(id_cache, Py_NewRef(cache));
     Py_XSETREF(id_bytes, Py_NewRef(enc));
     Py_XSETREF(opt_id_bytes, Py_NewRef(opt_enc));
@@ -304,16 +328,18 @@ static PyObject *id_lookup(const unsigned char *p, unsigned len) {
 }
 
 PyDoc_STRVAR(recv_io_doc,
-"recv_io(fd) -> tuple | bytes | None\n\n"
+"recv_io(fd) -> IoRequestFields | bytes | None\n\n"
 "Server: read once.  If the read is exactly one valid IO_REQUEST whose ids are\n"
-"known, return its fields as codec.io_request_fields does; else the bytes read\n"
+"known, return its fields as codec.io_request_fields does (an instance of the\n"
+"class given to configure()); else the bytes read\n"
 "(b\"\" at EOF), or None when the socket's receive timeout passed.");
 
 static PyObject *recv_io(PyObject *self, PyObject *arg) {
     int fd;
     unsigned char buf[RECV_CAP];
     if (!parse_fd(arg, &fd)) return NULL;
-    if (id_cache == NULL) return PyErr_Format(PyExc_RuntimeError, "not configured");
+    if (id_cache == NULL || io_fields_type == NULL)
+        return PyErr_Format(PyExc_RuntimeError, "not configured");
     ssize_t n = recv_once(fd, buf);
     uint32_t len;
     if (n < HDR + IO_FIXED || !header_is(buf, T_IO_REQUEST, &len) || (ssize_t)len != n - HDR)
@@ -337,31 +363,52 @@ static PyObject *recv_io(PyObject *self, PyObject *arg) {
         Py_DECREF(sid);
         return PyErr_Occurred() ? NULL : uncommon(n, buf);
     }
-    /* Built by hand: Py_BuildValue would parse a format string on every request. */
-    PyObject *t = PyTuple_New(11);
-    if (t == NULL) goto fail;
-    PyObject *items[9] = {
+    /* Built by hand: Py_BuildValue would parse a format string on every request, and
+     * calling the class would run its Python __new__.  Every item is made before the
+     * result is touched, so nothing below allocates (or lets another thread in) while
+     * a pooled result is half refilled. */
+    PyObject *items[IO_NFIELDS] = {
         PyLong_FromUnsignedLongLong(rd64(p + IO_RID)), PyLong_FromUnsignedLong(rd32(p + IO_VM)),
         PyLong_FromUnsignedLong(rd32(p + IO_CID)), PyLong_FromUnsignedLongLong(rd64(p + IO_OFF)),
         PyLong_FromUnsignedLongLong(data), PyLong_FromLong(kind), PyLong_FromLong(size),
-        PyLong_FromLong(dir), PyLong_FromLong(p[IO_HOPS]),
+        PyLong_FromLong(dir), PyLong_FromLong(p[IO_HOPS]), sid, did,
     };
-    int bad = 0;
-    for (int i = 0; i < 9; i++) {
-        if (items[i] == NULL) bad = 1;
-        PyTuple_SET_ITEM(t, i, items[i]);  /* tuple dealloc skips NULL items */
+    for (int i = 0; i < IO_NFIELDS - 2; i++) {
+        if (items[i] == NULL) {
+            for (int k = 0; k < IO_NFIELDS; k++) Py_XDECREF(items[k]);
+            return NULL;
+        }
     }
-    PyTuple_SET_ITEM(t, 9, sid);  /* steals */
-    PyTuple_SET_ITEM(t, 10, did);
-    if (bad) {
-        Py_DECREF(t);
+    PyObject *t = NULL;
+    for (int i = 0; i < IO_POOL; i++) {
+        if (io_pool[i] != NULL && Py_REFCNT(io_pool[i]) == 1) {  /* nobody else holds it */
+            t = Py_NewRef(io_pool[i]);
+            break;
+        }
+    }
+    if (t != NULL) {
+        PyObject *old[IO_NFIELDS];
+        for (int i = 0; i < IO_NFIELDS; i++) {  /* steals items[i] */
+            old[i] = PyTuple_GET_ITEM(t, i);
+            PyTuple_SET_ITEM(t, i, items[i]);
+        }
+        for (int i = 0; i < IO_NFIELDS; i++) Py_DECREF(old[i]);  /* whole again first */
+        if (!PyObject_GC_IsTracked(t)) PyObject_GC_Track(t);
+        return t;
+    }
+    t = io_fields_type->tp_alloc(io_fields_type, IO_NFIELDS);
+    if (t == NULL) {
+        for (int k = 0; k < IO_NFIELDS; k++) Py_DECREF(items[k]);
         return NULL;
     }
+    for (int i = 0; i < IO_NFIELDS; i++) PyTuple_SET_ITEM(t, i, items[i]);  /* steals */
+    for (int i = 0; i < IO_POOL; i++) {
+        if (io_pool[i] == NULL) {
+            io_pool[i] = Py_NewRef(t);
+            break;
+        }
+    }
     return t;
-fail:
-    Py_DECREF(sid);
-    Py_DECREF(did);
-    return NULL;
 }
 
 PyDoc_STRVAR(send_feedback_doc,

@@ -10,7 +10,8 @@ does the hot socket calls in C:
   and reads once; the common answer, one FEEDBACK for that request, comes back as
   ``(status, value)``;
 * server: ``recv_io(fd)`` reads once and returns a lone valid IO_REQUEST as the same
-  tuple as ``codec.io_request_fields``; ``send_feedback(...)`` encodes and sends.
+  named tuple as ``codec.io_request_fields`` (an ``IoRequestFields``, built by the C
+  from the class handed to it here); ``send_feedback(...)`` encodes and sends.
 
 Anything else they read (several frames, a partial one, another type, an unknown id,
 a bad field) comes back as raw bytes for :class:`~remote_hw.protocol.Connection`,
@@ -33,7 +34,7 @@ import types
 from collections.abc import Iterable
 from typing import Any
 
-from remote_hw.protocol import codec
+from remote_hw.protocol import FeedbackFields, IoRequestFields, codec
 from remote_hw.protocol.messages import AccessKind, Direction, MsgType, Status
 
 __all__ = ["enabled", "status", "request", "recv_io", "send_feedback"]
@@ -62,11 +63,13 @@ def _mask(values: Iterable[int]) -> int:
 def _self_check(_c: types.ModuleType) -> str:
     """Compare the C mirror with the codec on real frames; '' when they agree."""
     # Distinct bytes in every field, so a wrong offset or width cannot go unnoticed.
-    io_args = (0x0102030405060708, 0x11223344, 0x55667788, 0x99AABBCCDDEEFF00,
-               0xA1B2C3D4, int(AccessKind.MMIO), 4, int(Direction.WRITE), 3,
-               "check-srv", "check.dev_0")
-    fb_args = (0x8877665544332211, 0x0A0B0C0D, 0x01020304, int(Status.HOP_LIMIT), 8,
-               0xF0E0D0C0B0A09080)
+    io_args = IoRequestFields(0x0102030405060708, 0x11223344, 0x55667788,
+                              0x99AABBCCDDEEFF00, 0xA1B2C3D4, int(AccessKind.MMIO), 4,
+                              int(Direction.WRITE), 3, "check-srv", "check.dev_0")
+    fb_args = FeedbackFields(0x8877665544332211, 0x0A0B0C0D, 0x01020304,
+                             int(Status.HOP_LIMIT), 8, 0xF0E0D0C0B0A09080)
+    rid = fb_args.request_id
+    answer = (fb_args.status, fb_args.data)  # what request() returns for it
     io_frame = codec.encode_io_request(*io_args)
     fb_frame = codec.encode_feedback(*fb_args)
     # Teach the id cache these ids the way a server learns them: one generic decode.
@@ -76,7 +79,7 @@ def _self_check(_c: types.ModuleType) -> str:
         a.sendall(io_frame)
         got = _c.recv_io(b.fileno())
         want = codec.io_request_fields(io_frame, 8, len(io_frame))
-        if got != want:
+        if got != want or type(got) is not type(want):
             return f"IO_REQUEST parsed as {got!r}, the codec says {want!r}"
         if not _c.send_feedback(a.fileno(), *fb_args):
             return "a valid FEEDBACK was refused"
@@ -86,15 +89,15 @@ def _self_check(_c: types.ModuleType) -> str:
         # The answer is queued before the request goes out, so request() finds it.
         codec.encode_io_request(*io_args)  # the client learns ids by encoding once
         b.sendall(fb_frame)
-        got = _c.request(a.fileno(), threading.Lock(), fb_args[0], *io_args[1:])
-        if got != (fb_args[3], fb_args[5]):
-            return f"FEEDBACK parsed as {got!r}, expected {(fb_args[3], fb_args[5])!r}"
+        got = _c.request(a.fileno(), threading.Lock(), rid, *io_args[1:])
+        if got != answer:
+            return f"FEEDBACK parsed as {got!r}, expected {answer!r}"
         sent = b.recv(4096)
-        want_io = codec.encode_io_request(fb_args[0], *io_args[1:])
+        want_io = codec.encode_io_request(rid, *io_args[1:])
         if sent != want_io:
             return f"IO_REQUEST encoded as {sent.hex()}, the codec says {want_io.hex()}"
         b.sendall(fb_frame)
-        got = _c.request(a.fileno(), threading.Lock(), fb_args[0] + 1, *io_args[1:])
+        got = _c.request(a.fileno(), threading.Lock(), rid + 1, *io_args[1:])
         if got != fb_frame:
             return f"another request's FEEDBACK was taken as ours ({got!r})"
         b.recv(4096)
@@ -116,7 +119,8 @@ def status() -> tuple[bool, str]:
                     _state = (False, _missing)
                 else:
                     _c.configure(*codec.id_caches(),
-                                 _mask(Status), _mask(AccessKind), _mask(Direction))
+                                 _mask(Status), _mask(AccessKind), _mask(Direction),
+                                 IoRequestFields)
                     why = _self_check(_c)
                     _state = (not why, f"disagrees with the codec: {why}" if why else "")
     return _state

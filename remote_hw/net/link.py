@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from remote_hw.net import fastio
+from remote_hw.net.recovery import Recovery, poke
 from remote_hw.net.security import Identity, KeyMaterialError, TlsConfig
 from remote_hw.net.transport import TlsTransport, Transport
 from remote_hw.protocol import CLOSED, NEED_DATA, Connection, ProtocolError, Role
@@ -72,6 +73,13 @@ class _Slot:
         self.value = 0
         self.deadline = 0.0
 
+    @classmethod
+    def failed(cls) -> _Slot:
+        """A request that could not be sent: the server is unreachable."""
+        slot = cls()
+        slot.status, slot.done = _UNREACHABLE, True
+        return slot
+
 
 class ServerLink:
     """A connection to one server, shared by every VM of this process."""
@@ -80,7 +88,7 @@ class ServerLink:
                  timeout: float = 5.0, on_interrupt: InterruptCallback | None = None,
                  on_event: EventCallback | None = None,
                  on_state: StateCallback | None = None, tls: TlsConfig | None = None,
-                 role: Role = Role.CLIENT) -> None:
+                 role: Role = Role.CLIENT, reconnect: bool = False) -> None:
         self.name = name
         self.address = address
         self.client_name = client_name
@@ -111,11 +119,32 @@ class ServerLink:
         self._bg: threading.Thread | None = None
         # The C request path (remote_hw/net/fastio.py) serves plain TCP; TLS stays in Python.
         self._fast = False
+        # reconnect=True: a lost connection is brought back (recovery.py), with its
+        # session resumed or its devices attached again.
+        self._recovery: Recovery | None = Recovery(self) if reconnect else None
 
     # -- connection -------------------------------------------------------------
 
     def connect(self, connect_timeout: float = 5.0) -> ServerLink:
         """Connect and shake hands; raises :class:`LinkError` with the reason."""
+        t, conn, welcome = self._handshake(connect_timeout)
+        self._install(t, conn, welcome, "connected")
+        if self._recovery is not None:
+            self._recovery.connected()
+        return self
+
+    @property
+    def features(self) -> int:
+        """The feature bits negotiated on the current connection (0 before one)."""
+        return self._conn.features
+
+    @property
+    def recovery(self) -> Recovery | None:
+        """What brings this link back after a loss (None: it stays down)."""
+        return self._recovery
+
+    def _handshake(self, connect_timeout: float) -> tuple[Transport, Connection, m.Welcome]:
+        """A new connection with the handshake done, not yet used by the link."""
         host, port = self.address
         where = f"server {self.name} at {host}:{port}"
         try:
@@ -177,23 +206,38 @@ class ServerLink:
         except OSError as e:
             t.close()
             raise LinkError(f"{where}: handshake failed: {e.strerror or e}") from None
+        return t, conn, welcome
+
+    def _install(self, t: Transport, conn: Connection, welcome: m.Welcome, how: str,
+                 client_id: int | None = None) -> None:
+        """Use the connection ``t`` from now on: the link is up. ``client_id``: the id
+        of a resumed session, when it is not the one WELCOME gave."""
+        old = self._bg
+        if old is not None and old is not threading.current_thread() and old.is_alive():
+            poke(self._wake_w)  # the last connection's reader must be gone first
+            old.join(timeout=2)
         self._t, self._conn = t, conn
         self._fast = not t.secure and fastio.enabled()
-        self.client_id = welcome.client_id
+        self.client_id = welcome.client_id if client_id is None else client_id
         self.server_name = welcome.name
+        where = f"server {self.name} at {self.address[0]}:{self.address[1]}"
+        if how == "connected":
+            log.info("%s: connected as client %d (server calls itself %s)", where,
+                     self.client_id, welcome.name)
+        else:  # said before the first access succeeds, so the log reads in order
+            log.warning("%s is back: %s", where, how)
         self.up = True
         self.down_reason = ""
         self._bg = threading.Thread(target=self._background, name=f"link-{self.name}",
                                     daemon=True)
         self._bg.start()
-        log.info("%s: connected as client %d (server calls itself %s)", where,
-                 self.client_id, welcome.name)
-        self.on_state(self, True, "connected")
-        return self
+        self.on_state(self, True, how)
 
     def close(self) -> None:
         """Close the connection; pending requests fail with UNREACHABLE."""
         self._closing = True
+        if self._recovery is not None:
+            self._recovery.stop()
         self._down("closed by this client")
         try:
             os.write(self._wake_w, b"x")
@@ -229,6 +273,8 @@ class ServerLink:
                 log.error("server %s (%s:%d) is gone: %s; its devices now read as all ones "
                           "and writes are dropped", self.name, *self.address, reason)
             self.on_state(self, False, reason)
+            if not self._closing and self._recovery is not None:
+                self._recovery.lost(reason)
 
     # -- requests ---------------------------------------------------------------
 
@@ -259,12 +305,18 @@ class ServerLink:
             except OSError as e:
                 self._down(f"connection lost: {e.strerror or e}")
                 r = _UNREACHABLE, 0
+                if direction and self._recovery is not None:  # a write cut short
+                    self._recovery.in_flight((rid, vm_id, client_id, offset, data, kind,
+                                              size, direction, hops, server_id, device))
             finally:
                 self._release_lead()
             if type(r) is tuple:
                 return r
             if r is not NotImplemented:  # a slot still to be answered, now as a follower
                 self._await(r, rid, r.deadline)
+                if r.status and direction and self._recovery is not None and not self.up:
+                    self._recovery.in_flight((rid, vm_id, client_id, offset, data, kind,
+                                              size, direction, hops, server_id, device))
                 return r.status, r.value
         try:
             # The positional fast path: building an IoRequest object costs more than the send.
@@ -273,6 +325,11 @@ class ServerLink:
         except ProtocolError:  # the connection closed between the check and here
             return Status.UNREACHABLE, 0
         slot = self._call(rid, frame)
+        if slot.status and direction and self._recovery is not None and not self.up:
+            # A write the connection broke under: the resumed session gets it again,
+            # under the same request id, and applies it once (recovery.py).
+            self._recovery.in_flight((rid, vm_id, client_id, offset, data, kind, size,
+                                      direction, hops, server_id, device))
         return slot.status, slot.value
 
     def attach(self, vm_id: int, device: str, server_id: str = "", client_id: int = 0) -> int:
@@ -281,24 +338,45 @@ class ServerLink:
         ``client_id`` is only for server-to-server links: the client a forwarding
         server speaks for. A client's own requests carry 0.
         """
-        return self._call_msg(lambda rid: m.Attach(request_id=rid, vm_id=vm_id,
-                                                   client_id=client_id, server_id=server_id,
-                                                   device_id=device))
+        status = self._call_msg(lambda rid: m.Attach(request_id=rid, vm_id=vm_id,
+                                                     client_id=client_id,
+                                                     server_id=server_id, device_id=device))
+        if status == Status.OK and self._recovery is not None:
+            self._recovery.attached_device(vm_id, device, server_id, client_id)
+        return status
 
     def detach(self, vm_id: int, client_id: int = 0) -> int:
         """Release every device instance of ``vm_id`` on this server."""
+        if self._recovery is not None:
+            self._recovery.detached_vm(vm_id, client_id)
         return self._call_msg(lambda rid: m.Detach(request_id=rid, vm_id=vm_id,
                                                    client_id=client_id))
 
+    def origin(self, client_id: int, name: str) -> int:
+        """Server-to-server links: name the authenticated client behind ``client_id``
+        (ORIGIN), so that the device's server applies its own ``--allow`` to it."""
+        return self._call_msg(lambda rid: m.Origin(request_id=rid, client_id=client_id,
+                                                   name=name))
+
+    def request_resume(self, token: int) -> tuple[int, int]:
+        """RESUME: (status, token). Token 0 asks the server to keep this session for a
+        while when the connection is lost; the token it answers takes it back."""
+        slot = self._call_slot(lambda rid: m.Resume(request_id=rid, token=token))
+        return slot.status, slot.value
+
     def _call_msg(self, make: Callable[[int], m.Message]) -> int:
+        return self._call_slot(make).status
+
+    def _call_slot(self, make: Callable[[int], m.Message]) -> _Slot:
+        """Send the message ``make(request id)`` and wait for its FEEDBACK."""
         if not self.up:
-            return Status.UNREACHABLE
+            return _Slot.failed()
         rid = next(self._ids)
         try:
             frame = self._conn.send(make(rid))
         except ProtocolError:
-            return Status.UNREACHABLE
-        return self._call(rid, frame).status
+            return _Slot.failed()
+        return self._call(rid, frame)
 
     def _lead_from(self, rid: int, data: bytes | None) -> _Slot:
         """As leader, after the C path sent ``rid`` and read ``data`` that is not just
@@ -360,14 +438,14 @@ class ServerLink:
                 conn = self._conn
                 conn.receive_data(data)
                 f = conn.next_feedback()
-                if f is not None and f[0] == rid and not conn.buffered:
+                if f is not None and f.request_id == rid and not conn.buffered:
                     self._pending.pop(rid, None)  # _down() may have emptied it meanwhile
-                    slot.status, slot.value, slot.done = f[3], f[5], True
+                    slot.status, slot.value, slot.done = f.status, f.data, True
                 else:
                     if f is not None:  # someone else's: put it where it belongs
-                        other = self._pending.pop(f[0], None)
+                        other = self._pending.pop(f.request_id, None)
                         if other is not None:
-                            other.status, other.value, other.done = f[3], f[5], True
+                            other.status, other.value, other.done = f.status, f.data, True
                     self._dispatch()
             elif data is not None:
                 self._down("the server closed the connection")
@@ -454,9 +532,9 @@ class ServerLink:
         while True:
             f = next_feedback()  # the common frame, without building a message object
             if f is not None:
-                slot = pending.pop(f[0], None)
+                slot = pending.pop(f.request_id, None)
                 if slot is not None:
-                    slot.status, slot.value = f[3], f[5]
+                    slot.status, slot.value = f.status, f.data
                     slot.done = True
                     if self._waiters:
                         with self._cond:

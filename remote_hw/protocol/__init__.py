@@ -3,13 +3,15 @@
 * :mod:`.messages` — every message (frozen dataclasses), the enums, the constants and
   the layout table everything else is derived from;
 * :mod:`.codec` — ``encode(msg) -> bytes`` and ``decode_payload(type, payload)``,
-  with full validation, plus fast paths for the per-I/O messages;
+  with full validation, plus fast paths for the per-I/O messages, whose fields the
+  hot paths get as named tuples (``FeedbackFields``, ``IoRequestFields``);
 * :mod:`.connection` — :class:`Connection`, the per-connection state machine
   (handshake, negotiation, what may be sent/received when).
 
 See docs/protocol.md for the wire format.
 """
 
+from ._fields import FeedbackFields, IoRequestFields
 from .codec import (
     decode_feedback,
     decode_payload,
@@ -66,6 +68,7 @@ __all__ = [
     "MAX_ID_LENGTH", "ID_CHARS", "FEATURE_EVENTS", "FEATURE_DMA", "SUPPORTED_FEATURES",
     # codec
     "encode", "decode_payload", "encode_io_request", "encode_feedback", "decode_feedback",
+    "FeedbackFields", "IoRequestFields",
     # connection
     "Connection", "State", "NEED_DATA", "CLOSED",
     # errors

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from .codec import (
     DECODERS,
     MSG_NAMES,
+    FeedbackFields,
+    IoRequestFields,
     encode,
     encode_feedback,
     encode_io_request,
@@ -42,6 +44,8 @@ from .codec import (
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .messages import (
     FEATURE_EVENTS,
+    FEATURE_ORIGIN,
+    FEATURE_RESUME,
     HEADER,
     HEADER_SIZE,
     MAGIC,
@@ -109,7 +113,8 @@ _OTHER = {_CLIENT: _SERVER, _SERVER: _CLIENT}
 #: what each side may ever send (the direction column of docs/protocol.md)
 _SENDS: dict[str, frozenset[int]] = {
     _CLIENT: frozenset(
-        {_T.HELLO, _T.IO_REQUEST, _T.ATTACH, _T.DETACH, _T.ERROR, _T.PING, _T.PONG}
+        {_T.HELLO, _T.IO_REQUEST, _T.ATTACH, _T.DETACH, _T.ERROR, _T.PING, _T.PONG,
+         _T.RESUME, _T.ORIGIN}
     ),
     _SERVER: frozenset(
         {_T.WELCOME, _T.FEEDBACK, _T.INTERRUPT, _T.EVENT, _T.ERROR, _T.PING, _T.PONG}
@@ -134,11 +139,13 @@ _ALLOWED: dict[tuple[str, State], tuple[frozenset[int], frozenset[int]]] = {
 }
 _NOTHING: frozenset[int] = frozenset()
 #: message types that need a negotiated feature bit
-_NEEDS_FEATURE: dict[int, int] = {_T.EVENT: FEATURE_EVENTS}
+_NEEDS_FEATURE: dict[int, int] = {_T.EVENT: FEATURE_EVENTS, _T.RESUME: FEATURE_RESUME,
+                                   _T.ORIGIN: FEATURE_ORIGIN}
 
 _HANDSHAKE = frozenset({_T.HELLO, _T.WELCOME})
 _IO_REQUEST = int(_T.IO_REQUEST)
 _FEEDBACK = int(_T.FEEDBACK)
+_F = TypeVar("_F", FeedbackFields, IoRequestFields)  # what a field reader returns
 _ERROR_FIXED = MESSAGES[_T.ERROR].fixed.size
 #: Compact the receive buffer once this many consumed bytes sit at its front.  The
 #: common case (every buffered frame consumed) empties the buffer outright instead.
@@ -393,8 +400,8 @@ class Connection:
         return NEED_DATA
 
     # Hot-path variants of next_event.  They consume the next frame only when it is a
-    # complete, valid frame of the one type asked for, and return its fields as a tuple
-    # (no message object).  Anything else - another type, a partial frame, a bad field,
+    # complete, valid frame of the one type asked for, and return its fields as a named
+    # tuple (no message object).  Anything else - another type, a partial frame, a bad field,
     # EOF - returns None and is left for next_event, which returns or raises exactly as
     # it always does.  So a caller may try the fast path first and fall back.
 
@@ -404,17 +411,16 @@ class Connection:
         or CLOSED after EOF)."""
         return len(self._buf) - self._off
 
-    def next_io_request(self) -> tuple[Any, ...] | None:
+    def next_io_request(self) -> IoRequestFields | None:
         """The next frame's fields if it is an IO_REQUEST (see io_request_fields)."""
         return self._next_fields(_IO_REQUEST, io_request_fields)
 
-    def next_feedback(self) -> tuple[Any, ...] | None:
+    def next_feedback(self) -> FeedbackFields | None:
         """The next frame's fields if it is a FEEDBACK (see feedback_fields)."""
         return self._next_fields(_FEEDBACK, feedback_fields)
 
-    def _next_fields(self, want: int,
-                     fields: Callable[[Any, int, int], tuple[Any, ...] | None]
-                     ) -> tuple[Any, ...] | None:
+    def _next_fields(self, want: int, fields: Callable[[Any, int, int], _F | None]
+                     ) -> _F | None:
         buf = self._buf
         off = self._off
         if len(buf) - off < HEADER_SIZE or self._error is not None:

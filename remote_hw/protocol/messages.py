@@ -51,8 +51,12 @@ ID_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 # Feature bits (HELLO/WELCOME ``features``; the negotiated set is the AND of both).
 FEATURE_EVENTS = 1 << 0  #: the server may send EVENT messages
 FEATURE_DMA = 1 << 1  #: reserved for device DMA into guest memory (not in v1.0)
+#: a client may send RESUME: its session outlives a lost connection for a grace period
+FEATURE_RESUME = 1 << 2
+#: a peer server may send ORIGIN: the authenticated name of a client it speaks for
+FEATURE_ORIGIN = 1 << 3
 #: Features this implementation knows how to use.
-SUPPORTED_FEATURES = FEATURE_EVENTS
+SUPPORTED_FEATURES = FEATURE_EVENTS | FEATURE_RESUME | FEATURE_ORIGIN
 
 
 # ------------------------------------------------------------------------------- enums
@@ -72,6 +76,8 @@ class MsgType(enum.IntEnum):
     ATTACH = 9
     DETACH = 10
     EVENT = 11
+    RESUME = 12
+    ORIGIN = 13
 
 
 class Status(enum.IntEnum):
@@ -296,6 +302,36 @@ class Event(Message):
     name: str
 
 
+@_message
+class Resume(Message):
+    """Make this session resumable, or take an earlier one back (needs FEATURE_RESUME).
+
+    Token 0 asks for a token; another token asks for the session it was given to
+    (same authenticated identity only). Answered by FEEDBACK: OK with ``size`` 8 and
+    ``data`` the token to present next time, or NOT_ATTACHED (unknown or expired: the
+    session's devices are gone) or DENIED (another identity's token)."""
+
+    MSG_TYPE: ClassVar[MsgType] = MsgType.RESUME
+    request_id: int
+    #: 0, or the token an earlier FEEDBACK to RESUME gave
+    token: int
+
+
+@_message
+class Origin(Message):
+    """A peer server names the authenticated client it speaks for under ``client_id``
+    (needs FEATURE_ORIGIN; answered by FEEDBACK). Accepted only on a peer connection
+    from a server allowed to speak for others; the device's server then applies its
+    own access lists to ``name``."""
+
+    MSG_TYPE: ClassVar[MsgType] = MsgType.ORIGIN
+    request_id: int
+    #: the id the peer uses for this client in its requests
+    client_id: int
+    #: the client's certificate name, as the peer authenticated it
+    name: str
+
+
 # ------------------------------------------------------------------------------- table
 
 
@@ -325,6 +361,8 @@ MESSAGES: dict[MsgType, MessageSpec] = {
     ),
     MsgType.DETACH: MessageSpec(Detach, struct.Struct("<QII"), ()),
     MsgType.EVENT: MessageSpec(Event, struct.Struct("<IIBB"), ("device_id", "name")),
+    MsgType.RESUME: MessageSpec(Resume, struct.Struct("<QQ"), ()),
+    MsgType.ORIGIN: MessageSpec(Origin, struct.Struct("<QIB"), ("name",)),
 }
 
 #: class -> message type (the inverse of the table, for encoding)

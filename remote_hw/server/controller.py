@@ -26,6 +26,7 @@ from remote_hw.devices.capabilities import ByteStream
 from remote_hw.devices.registry import create_device, device_class
 from remote_hw.input.keys import KeySink
 from remote_hw.protocol.messages import Direction, Status
+from remote_hw.server.limits import QuotaExceeded
 
 log = logging.getLogger("remote_hw.server")
 
@@ -224,6 +225,11 @@ class Controller:
         self._attached: dict[tuple[int, int, str], Instance] = {}
         self._shared: dict[str, Instance] = {}
         self._per_device: dict[str, list[Instance]] = {d: [] for d in self.registry}
+        # Attachments per client id, for the quota (None: no quota; the server sets it
+        # from --max-instances-per-client). One client must not be able to use up the
+        # descriptors every other client's attach needs.
+        self.max_instances_per_client: int | None = None
+        self._held: dict[int, int] = {}
         self.access_hook: AccessHook | None = None  # the demo's traffic display
         # Called with each new instance, complete but not yet reachable by a guest
         # (the FUSE view taps a UART's output from its first byte this way).
@@ -267,7 +273,11 @@ class Controller:
         return inst
 
     def attach(self, client_id: int, vm_id: int, device: str, sink: SessionSink) -> Status:
-        """Give (client, VM) an instance of ``device``; OK when already attached."""
+        """Give (client, VM) an instance of ``device``; OK when already attached.
+
+        Raises QuotaExceeded when the client already holds
+        ``max_instances_per_client`` attachments (each VM's instance of a device, or
+        its share of a shared one, is one)."""
         spec = self.registry.get(device)
         if spec is None:
             return Status.UNKNOWN_DEVICE
@@ -275,6 +285,13 @@ class Controller:
         with self._lock:
             if key in self._attached:
                 return Status.OK
+            quota = self.max_instances_per_client
+            held = self._held.get(client_id, 0)
+            if quota is not None and held >= quota:
+                raise QuotaExceeded(
+                    f"client {client_id} already holds {held} device instance(s), the "
+                    f"most one client may hold (--max-instances-per-client {quota}); "
+                    f"detach a VM first")
             try:
                 if spec.shared:
                     inst = self._shared.get(device) or self._new_instance(spec)
@@ -291,6 +308,7 @@ class Controller:
                 inst.sessions[(client_id, vm_id)] = sink
                 high = [irq.line for irq in inst.lines if irq.level]
             self._attached[key] = inst
+            self._held[client_id] = held + 1
         log.info("client %d vm %d attached %s", client_id, vm_id, inst.label())
         for line in high:  # a shared device already asserting: tell the newcomer
             sink.interrupt(vm_id, device, line, True)
@@ -304,6 +322,11 @@ class Controller:
             closing = []
             for key in keys:
                 inst = self._attached.pop(key)
+                left = self._held.get(key[0], 0) - 1
+                if left > 0:
+                    self._held[key[0]] = left
+                else:
+                    self._held.pop(key[0], None)
                 with inst.lock:
                     inst.sessions.pop((key[0], key[1]), None)
                     empty = not inst.sessions
@@ -352,6 +375,16 @@ class Controller:
 
     # -- introspection ----------------------------------------------------------
 
+    def line_levels(self, client_id: int) -> list[tuple[int, str, int, bool]]:
+        """(vm, device, line, level) of every interrupt line of ``client_id``'s
+        instances: what a resumed session must hear again, since changes raised while
+        it had no connection went nowhere."""
+        with self._lock:
+            held = [(k[1], k[2], inst) for k, inst in self._attached.items()
+                    if k[0] == client_id]
+        return [(vm, dev, irq.line, irq.level) for vm, dev, inst in held
+                for irq in inst.lines]
+
     def instances(self) -> list[Instance]:
         with self._lock:
             return [i for lst in self._per_device.values() for i in lst]
@@ -360,6 +393,7 @@ class Controller:
         with self._lock:
             insts = [i for lst in self._per_device.values() for i in lst]
             self._attached.clear()
+            self._held.clear()
             self._shared.clear()
             for lst in self._per_device.values():
                 lst.clear()

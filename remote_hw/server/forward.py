@@ -4,9 +4,12 @@ The entry server keeps no state of another server's devices. It remembers only t
 *route* of each attached (client, VM, device): which server holds it. Requests are
 sent there over a server-to-server link (a :class:`ServerLink` in the PEER role, with
 the server's own certificate), carrying the original client's id so the device's
-server can keep that client's instances apart and tag interrupts with it. Feedback
-returns on the same call; interrupts and events come back on the peer link and are
-handed to the session of the client they name.
+server can keep that client's instances apart and tag interrupts with it. Before the
+first ATTACH for a client on a device server, that client's authenticated name goes
+there too (ORIGIN): the device's server applies its own ``--allow`` to it, so a list
+on the device's server holds whichever server a client enters by. Feedback returns on
+the same call; interrupts and events come back on the peer link and are handed to the
+session of the client they name.
 
 When a peer goes away its routes stay: the next access looks the device up again (at
 most once a second per server), reconnects, re-attaches the VM and carries on, so a
@@ -23,7 +26,7 @@ from collections.abc import Callable
 
 from remote_hw.net.link import LinkError, ServerLink
 from remote_hw.net.security import TlsConfig
-from remote_hw.protocol.messages import Role, Status
+from remote_hw.protocol.messages import FEATURE_ORIGIN, Role, Status
 from remote_hw.server.directory import Directory
 
 log = logging.getLogger("remote_hw.forward")
@@ -54,6 +57,10 @@ class Forwarder:
         self._next_try: dict[str, float] = {}
         self.routes: dict[RouteKey, str] = {}
         self._attached_on: dict[RouteKey, ServerLink] = {}
+        # client id here -> its authenticated name, told to device servers (ORIGIN),
+        # and the links that were told already.
+        self._origins: dict[int, str] = {}
+        self._told: dict[tuple[int, str], ServerLink] = {}
 
     # -- links ---------------------------------------------------------------------
 
@@ -107,7 +114,9 @@ class Forwarder:
         return self.directory.lookup(device)
 
     def attach(self, client_id: int, vm_id: int, device: str, target: str,
-               hops: int = 0) -> Status:
+               hops: int = 0, origin: str = "") -> Status:
+        """Attach on ``target`` for ``client_id``, whose authenticated name ``origin``
+        the device's server gets first, so its own ``--allow`` applies to it."""
         if hops >= MAX_HOPS:
             return Status.HOP_LIMIT
         if self.directory.address(target) is None:
@@ -115,7 +124,12 @@ class Forwarder:
         link = self._link(target)
         if link is None:
             return Status.UNREACHABLE
-        status = Status(link.attach(vm_id, device, server_id=target, client_id=client_id))
+        if origin:
+            self._origins[client_id] = origin
+        status = self._tell_origin(link, client_id, target)
+        if status == Status.OK:
+            status = Status(link.attach(vm_id, device, server_id=target,
+                                        client_id=client_id))
         if status == Status.OK:
             key = (client_id, vm_id, device)
             self.routes[key] = target
@@ -145,6 +159,20 @@ class Forwarder:
         return link.io(vm_id, device, kind, offset, size, direction, data, server_id=target,
                        client_id=client_id, hops=hops + 1)
 
+    def _tell_origin(self, link: ServerLink, client_id: int, target: str) -> Status:
+        """Name the client behind ``client_id`` to ``target`` once per link (ORIGIN).
+        A device server of before FEATURE_ORIGIN is not told: it trusts its peers, as
+        it always did."""
+        name = self._origins.get(client_id)
+        if not name or not link.features & FEATURE_ORIGIN:
+            return Status.OK
+        if self._told.get((client_id, target)) is link:
+            return Status.OK
+        status = Status(link.origin(client_id, name))
+        if status == Status.OK:
+            self._told[(client_id, target)] = link
+        return status
+
     def _reattach(self, key: RouteKey) -> ServerLink | None:
         """The route's server went away: find it again (it may have moved)."""
         client_id, vm_id, device = key
@@ -152,7 +180,8 @@ class Forwarder:
         link = self._link(target)
         if link is None:
             return None
-        if link.attach(vm_id, device, server_id=target, client_id=client_id) != Status.OK:
+        if self._tell_origin(link, client_id, target) != Status.OK or \
+                link.attach(vm_id, device, server_id=target, client_id=client_id) != Status.OK:
             return None
         self.routes[key] = target
         self._attached_on[key] = link
@@ -171,6 +200,10 @@ class Forwarder:
             if link is not None and link.up and (key[1], target) not in done:
                 done.add((key[1], target))
                 link.detach(key[1], client_id=client_id)
+        if vm_id is None:
+            self._origins.pop(client_id, None)
+            for told in [k for k in self._told if k[0] == client_id]:
+                del self._told[told]
 
     def close(self) -> None:
         for link in list(self._links.values()):

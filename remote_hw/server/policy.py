@@ -49,9 +49,24 @@ class AccessPolicy:
                         peer)
         return ok
 
-    def allowed(self, name: str, is_peer: bool, device: str) -> bool:
-        """Access control: an --allow list for the device names who may use it."""
+    def may_name_origins(self, identity: Identity | None) -> bool:
+        """May a peer connection name the clients it speaks for (ORIGIN)? Only one
+        that proved with a ``server`` certificate that it is a server of this
+        platform; without TLS there are no names to check, so nothing is at stake."""
+        if self.tls is None:
+            return True
+        return identity is not None and identity.role == "server"
+
+    def allowed(self, name: str | None, device: str) -> bool:
+        """Access control: an --allow list for the device names who may use it.
+
+        ``name`` is the authenticated name of the client the request is *for*: the
+        connection's own certificate name, or, for a request a peer server forwards,
+        the origin that peer named (ORIGIN). None means a peer forwarded without
+        naming anyone (a peer of before FEATURE_ORIGIN): devices with a list refuse
+        it, since this server cannot apply its list to a client it does not know.
+        """
         names = self.acl.get(device)
-        if names is None or is_peer:
-            return True  # no list: any authenticated client; peers were checked at entry
-        return name in names
+        if names is None:
+            return True  # no list: any authenticated client
+        return name is not None and name in names

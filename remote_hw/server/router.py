@@ -18,6 +18,7 @@ from remote_hw.protocol.messages import Status
 from remote_hw.server.controller import Controller, SessionSink
 from remote_hw.server.directory import Directory
 from remote_hw.server.forward import MAX_HOPS, Forwarder
+from remote_hw.server.resume import ResumeTable
 
 log = logging.getLogger("remote_hw.server")
 
@@ -37,6 +38,8 @@ class Router:
         self._clients: dict[int, SessionSink] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        # Sessions that outlive their connection for a grace period (resume.py).
+        self.resumes = ResumeTable(self._release)
 
     # -- the local client table ------------------------------------------------------
 
@@ -55,10 +58,17 @@ class Router:
         with self._lock:
             self._clients.pop(client_id, None)
 
+    def _release(self, client_id: int) -> None:
+        """A parked session nobody resumed: its devices go, as on a disconnect."""
+        self.detach(client_id)
+        self.remove_client(client_id)
+
     # -- attach / detach / forward ---------------------------------------------------
 
     def attach(self, client_id: int, vm_id: int, device: str, server_id: str,
-               sink: SessionSink) -> Status:
+               sink: SessionSink, origin: str = "") -> Status:
+        """Attach here or along a route. ``origin`` is the client's authenticated name,
+        passed to the device's server so that its own ``--allow`` applies."""
         if (not server_id or server_id == self.server_id) and device in self.controller.registry:
             return self.controller.attach(client_id, vm_id, device, sink)
         if server_id == self.server_id:
@@ -68,7 +78,7 @@ class Router:
             return Status.UNKNOWN_DEVICE
         if target == self.server_id:
             return Status.UNKNOWN_DEVICE  # the directory says here, but it is not here
-        return self.forwarder.attach(client_id, vm_id, device, target)
+        return self.forwarder.attach(client_id, vm_id, device, target, origin=origin)
 
     def forward_io(self, client_id: int, vm_id: int, device: str, server_id: str, kind: int,
                    offset: int, size: int, direction: int, data: int,
@@ -108,4 +118,5 @@ class Router:
             sink.event(vm_id, device, name)
 
     def close(self) -> None:
+        self.resumes.close()
         self.forwarder.close()

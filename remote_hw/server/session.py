@@ -16,22 +16,46 @@ server, so two entry servers' clients never share a VM's device instances.
 
 The per-access code (``_serve``, ``_io``, ``_local``) keeps what it needs in local
 names and attributes: one call from the socket read to the controller's ``access``.
+
+Nobody waits for this connection's socket but this connection. Frames raised on other
+threads (another client's access to a shared device, a backend, a relayed interrupt,
+the watchdog's PING), often with a device lock held, go to the session's bounded
+:class:`~.outbox.Outbox` and its writer thread; a client that does not read them is
+disconnected when the queue is full. Only the connection thread's own replies (its
+feedback, with the interrupts its access raised) are written directly.
+
+What the peer sends is logged through :mod:`.logsafe`: texts escaped and capped,
+per-request warnings rate-limited with a count.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from remote_hw.net import fastio
 from remote_hw.net.security import Identity
 from remote_hw.net.transport import Transport
-from remote_hw.protocol import CLOSED, NEED_DATA, Connection, ProtocolError, Role
+from remote_hw.protocol import (
+    CLOSED,
+    NEED_DATA,
+    Connection,
+    IoRequestFields,
+    ProtocolError,
+    Role,
+)
 from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import ErrorCode, Status
 from remote_hw.server.controller import SessionSink
+from remote_hw.server.limits import QuotaExceeded
+from remote_hw.server.logsafe import RateLimitedLog, safe_text
+from remote_hw.server.origin import acting_name, on_origin
+from remote_hw.server.outbox import Outbox
+from remote_hw.server.resume import Resumable, SinkRelay, WriteWindow, on_resume, release
 
 if TYPE_CHECKING:
     from remote_hw.server.listener import Server
@@ -39,10 +63,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("remote_hw.server")
 _send_feedback = fastio.send_feedback
 _NOT_ATTACHED = int(Status.NOT_ATTACHED)
+_WRITE = int(m.Direction.WRITE)
+#: The longest ERROR text accepted from a peer (bytes); a longer one closes the
+#: connection (our own are a line; a peer has no reason to send pages).
+MAX_PEER_ERROR_TEXT = 1024
 
-# An IO_REQUEST as fields (Connection.next_io_request, fastio.recv_io): request id,
-# vm id, client id, offset, data, kind, size, direction, hops, server id, device id.
-IoFields = tuple[int, int, int, int, int, int, int, int, int, str, str]
+
+class _Closing(Exception):
+    """The peer did something that ends its connection without an ERROR back (it
+    sent an ERROR itself, which is never answered with another)."""
 
 
 class _OriginSink:
@@ -59,8 +88,9 @@ class _OriginSink:
                                        level=int(level), device_id=device))
 
     def event(self, vm_id: int, device: str, name: str) -> None:
-        self.session._emit(m.Event(vm_id=vm_id, client_id=self.origin, device_id=device,
-                                   name=name))
+        if self.session._events_ok(vm_id, device, name):
+            self.session._emit(m.Event(vm_id=vm_id, client_id=self.origin,
+                                       device_id=device, name=name))
 
 
 class ClientSession:
@@ -86,10 +116,27 @@ class ClientSession:
         # PEER connections: origin client id (the entry server's) -> our local id for
         # it and the sink that tags its interrupts with the origin id.
         self._origins: dict[int, tuple[int, _OriginSink]] = {}
-        self._denied_logged: set[tuple[str | int, ...]] = set()
+        # Warnings a peer can repeat per request: a few lines, then a count (logsafe).
+        self._noisy = RateLimitedLog(log)
+        self._events_dropped = 0
+        limits = server.limits
+        self._outbox = Outbox(self._write, self._wlock, limits.max_queue, peer,
+                              self._overflow)
+        # What the watchdog looks at: accept time, the handshake, receive progress.
+        self.accepted_at = time.monotonic()
+        self.ready = False
+        self.rx = 0
         self._registry = server.controller.registry  # hot path: one lookup, not three
         self._access = server.controller.access
         self.closed = False
+        # Where this client's interrupts go: a relay, so that a connection that resumes
+        # the session (resume.py) takes them over; and, once the client asked for a
+        # resumable session, the window that applies a retried write once.
+        self._sink = SinkRelay(self)
+        self._window: WriteWindow | None = None
+        self.resumable: Resumable | None = None
+        # PEER connections: origin client id -> the name the peer vouched for (ORIGIN).
+        self.origin_names: dict[int, str] = {}
         # The C fast path (remote_hw/net/fastio.py): plain TCP, from the handshake on.
         self._fast = False
 
@@ -100,15 +147,73 @@ class ClientSession:
                                level=int(level), device_id=device))
 
     def event(self, vm_id: int, device: str, name: str) -> None:
-        self._emit(m.Event(vm_id=vm_id, client_id=self.client_id, device_id=device, name=name))
+        if self._events_ok(vm_id, device, name):
+            self._emit(m.Event(vm_id=vm_id, client_id=self.client_id, device_id=device,
+                               name=name))
+
+    def _events_ok(self, vm_id: int, device: str, name: str) -> bool:
+        """Whether EVENT may go to this peer. A client that did not negotiate EVENTS
+        (HELLO features without bit 0x1) cannot be sent one: the event is dropped
+        and counted, logged once per connection (an i8042 reset request, a key)."""
+        if self.conn.features & m.FEATURE_EVENTS:
+            return True
+        self._events_dropped += 1
+        if self._events_dropped == 1:
+            log.warning("%s (client %d, %s): vm %d device %s event %s dropped: the client "
+                        "did not negotiate EVENTS (later events are dropped silently)",
+                        self.peer, self.client_id, self.name, vm_id, device, name)
+        return False
 
     def _emit(self, msg: m.Message) -> None:
+        """Send an interrupt or event: with this thread's feedback when its own access
+        raised it, else through the outbox (never a blocking send: the caller may
+        hold a device lock, or be another connection's thread)."""
         if self.closed:
             return
-        if self._batch is not None and threading.get_ident() == self._thread_id:
-            self._batch.append(self.conn.send(msg))
+        try:
+            frame = self.conn.send(msg)
+        except ProtocolError as e:
+            log.debug("%s: not sent: %s", self.peer, e)
+            return
+        batch = self._batch
+        if batch is not None and threading.get_ident() == self._thread_id:
+            batch.append(frame)
         else:
-            self.send(msg)
+            self._outbox.put(frame)
+
+    def ping(self, nonce: int) -> None:
+        """The watchdog's keep-alive (queued: never blocks the watchdog)."""
+        if self.ready and not self.closed:
+            self._outbox.put(self.conn.send(m.Ping(nonce=nonce)))
+
+    def abort(self, why: str) -> None:
+        """End this connection for ``why`` (a limit): one log line, an ERROR if it
+        can be written without waiting (plain TCP and nobody writing), then the
+        socket is shut down under whatever call blocks on it."""
+        if self.closed:
+            return
+        self.server.closing_log("%s (client %d, %s): closing: %s", self.peer,
+                                self.client_id, self.name, why)
+        if not self.t.secure and self._wlock.acquire(blocking=False):
+            try:
+                self.t.sock.send(self.conn.error_frame(ProtocolError(ErrorCode.DENIED, why)),
+                                 socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            finally:
+                self._wlock.release()
+        self._outbox.close()
+        try:
+            socket.socket.shutdown(self.t.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _overflow(self, why: str) -> None:
+        self.abort(why)
+
+    def _write(self, data: bytes) -> None:
+        """The outbox's writer, called with the write lock held (raises OSError)."""
+        self.t.send(data)
 
     # -- sending ----------------------------------------------------------------
 
@@ -126,6 +231,8 @@ class ClientSession:
     def _send_raw(self, data: bytes) -> None:
         try:
             with self._wlock:
+                if self._outbox.queued:  # what was queued before goes first
+                    data = self._outbox.take() + data
                 self.t.send(data)
         except OSError as e:
             log.debug("%s: send failed: %s", self.peer, e)
@@ -140,6 +247,9 @@ class ClientSession:
             log.warning("%s (client %d %s): protocol error, closing: %s",
                         self.peer, self.client_id, self.name, e)
             self._send_raw(self.conn.error_frame(e))
+        except _Closing as e:
+            self.server.closing_log("%s (client %d, %s): closing: %s", self.peer,
+                                    self.client_id, self.name, e)
         except OSError as e:
             log.info("%s (client %d): connection lost: %s", self.peer, self.client_id, e)
         except Exception:
@@ -153,13 +263,14 @@ class ClientSession:
         handlers = self._handlers
         next_io = conn.next_io_request
         io = self._io
-        recv_io, fileno = fastio.recv_io, t.fileno
+        recv_io, fileno, io_fields = fastio.recv_io, t.fileno, IoRequestFields
         while True:
+            self.rx += 1  # progress, for the watchdog's idle timeout
             if self._fast and not conn.buffered:
                 # C: read once; a lone valid IO_REQUEST comes back as its fields, and
                 # anything else as bytes for the Connection below.
                 data = recv_io(fileno())
-                if type(data) is tuple:
+                if type(data) is io_fields:
                     io(data)
                     continue
             else:
@@ -204,12 +315,13 @@ class ClientSession:
             self._refuse(ErrorCode.DENIED,
                          f"HELLO names {hello.name!r} but the certificate is {ident.name!r}")
         self.name = ident.name if ident else hello.name
-        self.client_id = self._router.add_client(self)  # relays find this session now
+        self.client_id = self._router.add_client(self._sink)  # relays find it now
         self._fast = not self.t.secure and fastio.enabled()  # before the client hears back
         self.send(m.Welcome(major=m.PROTOCOL_MAJOR, minor=m.PROTOCOL_MINOR,
                             max_payload=self.server.max_payload,
                             features=m.SUPPORTED_FEATURES, client_id=self.client_id,
                             name=self._server_id))
+        self.ready = True
         log.info("%s: %s %d (%s%s) connected", self.peer,
                  "peer server" if self.is_peer else "client", self.client_id, self.name,
                  ", TLS" if ident else "")
@@ -224,13 +336,13 @@ class ClientSession:
         """
         if not self.is_peer:
             if claimed in (0, self.client_id):
-                return self.client_id, self
+                return self.client_id, self._sink
             self._log_denied(("claim", claimed),
                              f"client {self.client_id} ({self.name}) sent {what} for vm "
                              f"{vm_id} claiming to be client {claimed}; refused")
             return None
         if claimed == 0:
-            return self.client_id, self
+            return self.client_id, self._sink
         who = self._origins.get(claimed)
         if who is None:
             sink = _OriginSink(self, claimed)
@@ -238,13 +350,13 @@ class ClientSession:
         return who
 
     def _log_denied(self, key: tuple[str | int, ...], text: str) -> None:
-        if key not in self._denied_logged:  # once per kind, not once per access
-            self._denied_logged.add(key)
-            log.warning("%s: %s", self.peer, text)
+        # A few lines per interval, then a count: a client naming 100 k VM ids gets
+        # neither 100 k lines nor 100 k remembered keys (logsafe.RateLimitedLog).
+        self._noisy("%s: %s", self.peer, text)
 
     # -- requests ---------------------------------------------------------------------
 
-    def _io(self, f: IoFields) -> None:
+    def _io(self, f: IoRequestFields) -> None:
         """Answer one IO_REQUEST given as fields (see Connection.next_io_request)."""
         rid, vm_id, claimed, offset, data, kind, size, direction, hops, server_id, \
             device = f
@@ -253,16 +365,22 @@ class ClientSession:
         else:  # the common case: this client's own VM and a device held here
             self._local(rid, vm_id, self.client_id, device, offset, size, direction, data)
 
-    def _io_other(self, f: IoFields) -> None:
+    def _io_other(self, f: IoRequestFields) -> None:
         """An IO_REQUEST that names a client or a server, or a device not held here."""
         rid, vm_id, claimed, offset, data, kind, size, direction, hops, server_id, \
             device = f
-        who = self._who(claimed, vm_id, "a request") if claimed else (self.client_id, self)
+        who = (self._who(claimed, vm_id, "a request") if claimed
+               else (self.client_id, self._sink))
         if who is None:
             self._feedback(rid, vm_id, Status.DENIED, size, 0)
         elif (server_id and server_id != self._server_id) or device not in self._registry:
-            status, value = self._router.forward_io(who[0], vm_id, device, server_id, kind,
-                                                    offset, size, direction, data, hops)
+            forward = self._router.forward_io
+            args = (who[0], vm_id, device, server_id, kind, offset, size, direction, data,
+                    hops)
+            if self._window is not None and direction == _WRITE:  # a retry: apply once
+                status, value = self._window.once(rid, forward, *args)
+            else:
+                status, value = forward(*args)
             self._feedback(rid, vm_id, status, size, value)
         else:
             self._local(rid, vm_id, who[0], device, offset, size, direction, data)
@@ -272,8 +390,12 @@ class ClientSession:
         """One access to a device held here, for ``client_id``; sends the feedback."""
         batch: list[bytes] = []
         self._batch = batch
-        status, value = self._access(client_id, vm_id, device, offset, size, direction,
-                                     data)
+        if self._window is None or direction != _WRITE:
+            status, value = self._access(client_id, vm_id, device, offset, size,
+                                         direction, data)
+        else:  # a resumable session's write: a retry of it is answered, not re-applied
+            status, value = self._window.once(rid, self._access, client_id, vm_id, device,
+                                              offset, size, direction, data)
         self._batch = None
         if status == _NOT_ATTACHED:
             self._log_denied(("vm", vm_id, device),
@@ -284,7 +406,7 @@ class ClientSession:
                                                  value))
             self._send_raw(b"".join(batch))
             return
-        if self._fast:
+        if self._fast and not self._outbox.queued:  # else _feedback sends the queue first
             try:
                 with self._wlock:
                     if _send_feedback(self.t.fileno(), rid, vm_id, self.client_id, status,
@@ -302,23 +424,39 @@ class ClientSession:
 
     def _on_io(self, req: m.IoRequest) -> None:
         # An IO_REQUEST the fast path passed over (it never does for valid frames).
-        self._io((req.request_id, req.vm_id, req.client_id, req.offset, req.data, req.kind,
-                  req.size, req.direction, req.hops, req.server_id, req.device_id))
+        self._io(IoRequestFields(req.request_id, req.vm_id, req.client_id, req.offset,
+                                 req.data, req.kind, req.size, req.direction, req.hops,
+                                 req.server_id, req.device_id))
 
     def _on_attach(self, req: m.Attach) -> None:
         who = self._who(req.client_id, req.vm_id, "an attach")
         if who is None:
             status = Status.DENIED
-        elif not self._policy.allowed(self.name, self.is_peer, req.device_id):
+        elif not self._policy.allowed(acting_name(self, req.client_id), req.device_id):
             status = Status.DENIED
+            who_for = acting_name(self, req.client_id)
             log.warning("%s: client %s may not use device %s (access control)", self.peer,
-                        self.name, req.device_id)
+                        who_for if not self.is_peer else
+                        f"{who_for or 'unnamed'} (through peer server {self.name})",
+                        req.device_id)
         else:
             local, sink = who
-            status = self._router.attach(local, req.vm_id, req.device_id, req.server_id,
-                                         sink)
+            try:
+                status = self._router.attach(local, req.vm_id, req.device_id,
+                                             req.server_id, sink,
+                                             origin=acting_name(self, req.client_id) or "")
+            except QuotaExceeded as e:
+                self._noisy("%s: attach of vm %d device %s refused: %s", self.peer,
+                            req.vm_id, req.device_id, e)
+                self.send(m.Feedback(request_id=req.request_id, vm_id=req.vm_id,
+                                     client_id=self.client_id, status=Status.DENIED, size=0,
+                                     data=0))
+                # The reason, for the client's log (not fatal: the connection goes on).
+                self.send(m.Error(request_id=req.request_id, code=ErrorCode.DENIED,
+                                  text=str(e)))
+                return
         if status != Status.OK:
-            log.warning("client %d (%s) vm %d: attach %s/%s refused: %s", self.client_id,
+            self._noisy("client %d (%s) vm %d: attach %s/%s refused: %s", self.client_id,
                         self.name, req.vm_id, req.server_id or "-", req.device_id,
                         Status(status).name)
         self.send(m.Feedback(request_id=req.request_id, vm_id=req.vm_id,
@@ -340,22 +478,31 @@ class ClientSession:
         pass
 
     def _on_error(self, err: m.Error) -> None:
-        log.warning("%s (client %d): peer reported error %s: %s", self.peer, self.client_id,
-                    err.code, err.text)
+        size = len(err.text.encode("utf-8", "surrogatepass"))
+        if size > MAX_PEER_ERROR_TEXT:
+            raise _Closing(f"it sent an ERROR with {size} bytes of text (at most "
+                           f"{MAX_PEER_ERROR_TEXT} accepted)")
+        self._noisy("%s (client %d): peer reported error %s: %s", self.peer,
+                    self.client_id, err.code, safe_text(err.text))
 
     # A table, not an if-chain: message class -> handler (Any: each handler takes
     # the message class it is filed under).
     _handlers: dict[type, Callable[[ClientSession, Any], None]] = {
         m.Hello: _on_hello, m.IoRequest: _on_io, m.Attach: _on_attach,
         m.Detach: _on_detach, m.Ping: _on_ping, m.Pong: _on_pong, m.Error: _on_error,
+        m.Resume: on_resume, m.Origin: on_origin,
     }
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self._outbox.close()
+        self._noisy.flush(f"{self.peer} (client {self.client_id})")
         self.t.close()
-        for local in [self.client_id, *(local for local, _ in self._origins.values())]:
+        kept = release(self)  # a resumable session is parked, not released
+        for local in [0 if kept else self.client_id,
+                      *(local for local, _ in self._origins.values())]:
             if local:
                 self._router.detach(local)
                 self._router.remove_client(local)

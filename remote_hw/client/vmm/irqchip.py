@@ -13,13 +13,12 @@ device that wants a second interrupt must lower and raise its line again (which 
 from __future__ import annotations
 
 import fcntl
-import struct
 import threading
 
 from . import kvm
 
 NR_LINES = 24           # IOAPIC pins; 0-15 also reach the PICs
-_IRQ_LEVEL = struct.Struct("<II")
+_IRQ_LEVEL = kvm.IRQ_LEVEL_STRUCT  # struct kvm_irq_level, from kvm.py's table
 
 
 class IrqChip:

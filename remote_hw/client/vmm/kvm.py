@@ -1,9 +1,10 @@
 """The KVM ABI as tables: ioctl numbers, ``kvm_run`` field offsets, struct layouts.
 
 Everything here is data (plus two tiny ioctl helpers). Numbers are computed from the
-``_IOC`` encoding of ``<linux/kvm.h>`` and checked against the values in
-``shared/REFERENCE.md`` at import time, so a typo fails loudly instead of turning into
-an ``EINVAL`` three calls later.
+``_IOC`` encoding of ``<linux/kvm.h>`` and checked at import time against the values
+that header's macros expand to (listed in docs/vmm.md, "The KVM ABI"), so a typo fails
+loudly instead of turning into an ``EINVAL`` three calls later. Other modules use
+these names, never the numbers (the exit loop binds them to locals).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import re
 import struct
+from typing import Any
 
 # --------------------------------------------------------------------------- ioctls
 
@@ -60,7 +63,7 @@ _IOCTL_TABLE: dict[str, tuple[int, int, int]] = {
 
 IOCTL: dict[str, int] = {name: _ioc(*spec) for name, spec in _IOCTL_TABLE.items()}
 
-# Values from REFERENCE.md / <linux/kvm.h>; a mismatch is a bug in the table above.
+# What <linux/kvm.h>'s _IO*() macros expand to (docs/vmm.md); a mismatch is a bug above.
 _EXPECTED = {
     "CREATE_VM": 0xAE01, "GET_VCPU_MMAP_SIZE": 0xAE04, "GET_SUPPORTED_CPUID": 0xC008AE05,
     "CREATE_VCPU": 0xAE41, "SET_USER_MEMORY_REGION": 0x4020AE46, "SET_TSS_ADDR": 0xAE47,
@@ -178,9 +181,10 @@ KVM_RUN_FIELDS: dict[str, tuple[int, str]] = {
 }
 RUN_IMMEDIATE_EXIT = KVM_RUN_FIELDS["immediate_exit"][0]
 RUN_EXIT_REASON = KVM_RUN_FIELDS["exit_reason"][0]
-RUN_IO = 32
-RUN_MMIO = 32
-RUN_MMIO_DATA = KVM_RUN_FIELDS["mmio.data"][0]
+RUN_IO = KVM_RUN_FIELDS["io.direction"][0]          # start of the IO exit's fields
+RUN_MMIO = KVM_RUN_FIELDS["mmio.phys_addr"][0]      # start of the MMIO exit's fields
+RUN_MMIO_DATA = KVM_RUN_FIELDS["mmio.data"][0]      # where an MMIO read's answer goes
+RUN_INTERNAL_DATA = KVM_RUN_FIELDS["internal.data"][0]
 
 
 def _field_struct(name: str) -> struct.Struct:
@@ -195,14 +199,43 @@ def run_field(buf, name: str):
     return value[0] if len(value) == 1 else value
 
 
-# Hot-path decoders. One unpack gives the exit reason and all IO fields:
-#   exit_reason @8, (24 bytes skipped), direction @32, size @33, port @34, count @36,
-#   data_offset @40.
-EXIT_IO_STRUCT = struct.Struct("<I20xBBHIQ")
-EXIT_MMIO_STRUCT = struct.Struct("<Q8sIB")            # at offset 32
-EXIT_REASON_STRUCT = struct.Struct("<I")              # at offset 8
+# Hot-path decoders. One unpack at RUN_EXIT_REASON gives the exit reason and all IO
+# fields: exit_reason @8, (20 bytes skipped), direction @32, size @33, port @34,
+# count @36, data_offset @40.
+EXIT_IO_STRUCT = struct.Struct("<I20xBBHIQ")          # at RUN_EXIT_REASON
+EXIT_MMIO_STRUCT = struct.Struct("<Q8sIB")            # at RUN_MMIO
+EXIT_REASON_STRUCT = struct.Struct("<I")              # at RUN_EXIT_REASON
+
+
+def _check_run_decoders() -> None:
+    """The hot-path structs must land on the offsets KVM_RUN_FIELDS names."""
+    io = ("exit_reason", "io.direction", "io.size", "io.port", "io.count",
+          "io.data_offset")
+    mmio = ("mmio.phys_addr", "mmio.data", "mmio.len", "mmio.is_write")
+    for st, base, names in ((EXIT_IO_STRUCT, RUN_EXIT_REASON, io),
+                            (EXIT_MMIO_STRUCT, RUN_MMIO, mmio)):
+        fmt = st.format.lstrip("<")
+        codes = re.findall(r"(\d*)([a-zA-Z])", fmt)
+        off, k = base, 0
+        for count, code in codes:
+            width = struct.calcsize(f"<{count}{code}")
+            if code != "x":
+                want = KVM_RUN_FIELDS[names[k]]
+                if (off, f"{count}{code}") != want:  # pragma: no cover - table typo
+                    raise AssertionError(f"{names[k]}: decoder has @{off} {count}{code}, "
+                                         f"KVM_RUN_FIELDS says {want}")
+                k += 1
+            off += width
+
+
+_check_run_decoders()
 SYSTEM_EVENT_TYPES = {1: "SHUTDOWN", 2: "RESET", 3: "CRASH", 4: "WAKEUP", 5: "SUSPEND",
                       6: "SEV_TERM", 7: "TDX_FATAL"}
+SYSTEM_EVENT_RESET = 2
+# kvm_run.internal.suberror
+INTERNAL_ERRORS = {1: "emulation failure", 2: "simultaneous exception", 3: "delivery event",
+                   4: "unexpected exit"}
+INTERNAL_ERROR_EMULATION = 1       # data: u64 flags, u8 insn_size, u8 insn_bytes[15]
 
 # ---------------------------------------------------------------------- struct types
 
@@ -293,6 +326,24 @@ for _cls, _size in STRUCT_SIZES.items():
         raise AssertionError(f"{_cls.__name__}: {ctypes.sizeof(_cls)} bytes != {_size}")
 if KvmSregs.gdt.offset != 192 or KvmSregs.cr0.offset != 224 or KvmSregs.efer.offset != 264:
     raise AssertionError("kvm_sregs layout")  # pragma: no cover
+
+
+_STRUCT_CODES: dict[Any, str] = {u8: "B", u16: "H", u32: "I", u64: "Q"}
+
+
+def struct_of(cls: type[ctypes.Structure]) -> struct.Struct:
+    """``cls``'s layout as a ``struct.Struct`` (flat structs of fixed-width ints).
+
+    For paths where building a ctypes object would cost more than the ioctl it feeds
+    (an interrupt injection): the layout still has one definition, ``cls._fields_``.
+    """
+    st = struct.Struct("<" + "".join(_STRUCT_CODES[f[1]] for f in cls._fields_))
+    if st.size != ctypes.sizeof(cls):  # pragma: no cover - padding in cls
+        raise AssertionError(f"{cls.__name__}: struct {st.size} != ctypes {ctypes.sizeof(cls)}")
+    return st
+
+
+IRQ_LEVEL_STRUCT = struct_of(KvmIrqLevel)  # KVM_IRQ_LINE's argument (irq, level)
 
 # ------------------------------------------------------------------------ ioctl calls
 

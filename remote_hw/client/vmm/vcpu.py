@@ -359,7 +359,12 @@ class VcpuThread:
         mm = vcpu.run_mm
         ioctl = fcntl.ioctl
         KVM_RUN = kvm.KVM_RUN
+        # kvm.py's table, bound to locals: the names cost nothing in the loop.
         unpack_exit = kvm.EXIT_IO_STRUCT.unpack_from
+        unpack_mmio = kvm.EXIT_MMIO_STRUCT.unpack_from
+        RUN_EXIT_REASON, RUN_MMIO = kvm.RUN_EXIT_REASON, kvm.RUN_MMIO
+        RUN_MMIO_DATA = kvm.RUN_MMIO_DATA
+        EXIT_IO, EXIT_MMIO = kvm.EXIT_IO, kvm.EXIT_MMIO
         bus = self.bus
         port_get = bus.port_table.get
         pack, unpack, mask = _PACK, _UNPACK, _MASK
@@ -376,8 +381,8 @@ class VcpuThread:
                         return status
                     continue
                 self._in_guest = False
-                reason, direction, size, port, count, off = unpack_exit(mm, 8)
-                if reason == 2:                                   # KVM_EXIT_IO
+                reason, direction, size, port, count, off = unpack_exit(mm, RUN_EXIT_REASON)
+                if reason == EXIT_IO:
                     entry = port_get(port)
                     if count == 1:
                         if entry is None:
@@ -392,14 +397,14 @@ class VcpuThread:
                             pack[size](mm, off, entry[0](port - entry[2], size) & mask[size])
                     else:
                         self._string_io(entry, direction, size, port, count, off, mm)
-                elif reason == 6:                                 # KVM_EXIT_MMIO
-                    addr, data, length, is_write = kvm.EXIT_MMIO_STRUCT.unpack_from(mm, 32)
+                elif reason == EXIT_MMIO:
+                    addr, data, length, is_write = unpack_mmio(mm, RUN_MMIO)
                     if is_write:
                         bus.mmio_write(addr, length,
                                        int.from_bytes(data[:length], "little"))
                     else:
                         value = bus.mmio_read(addr, length)
-                        mm[40:40 + length] = value.to_bytes(length, "little")
+                        mm[RUN_MMIO_DATA:RUN_MMIO_DATA + length] = value.to_bytes(length, "little")
                 else:
                     status = self._other_exit(vcpu, reason)
                     if status is not None:
@@ -442,7 +447,7 @@ class VcpuThread:
             return self._interrupted(vcpu)
         if reason == kvm.EXIT_SYSTEM_EVENT:
             ev = kvm.run_field(mm, "system_event.type")
-            if ev == 2:                                           # RESET
+            if ev == kvm.SYSTEM_EVENT_RESET:
                 return STATUS_RESET
             detail = f"system event {kvm.SYSTEM_EVENT_TYPES.get(ev, ev)}"
         elif reason == kvm.EXIT_SHUTDOWN:
@@ -451,11 +456,10 @@ class VcpuThread:
             sub = kvm.run_field(mm, "internal.suberror")
             nd = min(kvm.run_field(mm, "internal.ndata"), 16)
             data = kvm.run_field(mm, "internal.data")[:nd]
-            what = {1: "emulation failure", 2: "simultaneous exception",
-                    3: "delivery event", 4: "unexpected exit"}.get(sub, "")
+            what = kvm.INTERNAL_ERRORS.get(sub, "")
             detail = f"internal error, suberror {sub} {what}"
-            raw = bytes(mm[40:40 + 8 * nd])
-            if sub == 1 and nd >= 3 and data[0] & 1:
+            raw = bytes(mm[kvm.RUN_INTERNAL_DATA:kvm.RUN_INTERNAL_DATA + 8 * nd])
+            if sub == kvm.INTERNAL_ERROR_EMULATION and nd >= 3 and data[0] & 1:
                 # emulation failure: u64 flags, u8 insn_size, u8 insn_bytes[15]
                 size = min(raw[8], 15)
                 detail += f", instruction bytes {raw[9:9 + size].hex(' ')}"

@@ -5,7 +5,7 @@
     vm.load_image("guests/build/hello.bin")
     status = vm.run(timeout=10)               # 0: halted with IF=0; odd: debug-exit
 
-Set-up order (REFERENCE.md): SET_TSS_ADDR, SET_IDENTITY_MAP_ADDR, CREATE_IRQCHIP,
+Set-up order (docs/vmm.md, "Set-up order"): SET_TSS_ADDR, SET_IDENTITY_MAP_ADDR, CREATE_IRQCHIP,
 CREATE_PIT2, memory, vCPU (created in its own thread), SET_CPUID2.
 
 Exit statuses returned by ``run``:

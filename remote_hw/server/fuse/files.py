@@ -206,12 +206,12 @@ def _deliver_keys(inst: Instance, events: Iterable[tuple[int, bool]]) -> None:
     assert isinstance(model, Keyboard)
     with inst.lock:
         for code, pressed in events:
-            model.key_event(code, pressed)
+            model.key(code, pressed)
 
 
 class _InputFile(FileType):
     """Text typed into the guest: the model's ``type_text`` if it has one, else
-    its ``key_event(code, pressed)`` fed with US-layout key events."""
+    its ``key(code, pressed)`` fed with US-layout key events."""
 
     name = "input"
     mode = 0o200

@@ -1,51 +1,27 @@
-"""An i8042 PS/2 controller (port 0x60/0x64) with a PS/2 keyboard and an idle mouse.
+"""The 8042 controller itself: ports 0x60/0x64, command byte, output buffer, IRQs.
 
-Window of 5 bytes from port 0x60: offset 0 is the data port (0x60), offset 4 the
-status/command port (0x64). Offsets 1-3 (0x61-0x63) are not the controller's: port
-0x61 belongs to the PIT/speaker logic, which KVM's in-kernel PIT answers before an exit
-ever reaches a device map, and 0x62/0x63 are unused on a PC. They read 0xFF and ignore
-writes, so one map ``port:0x60-0x64=SERVER/DEV,irq=1`` covers the controller.
-
-Three parts, as on a PC:
-
-* the **controller** (8042): status register, a 32-byte RAM whose byte 0 is the command
-  byte, the output buffer (one byte, from the controller itself, the keyboard or the
-  aux device), the output port (reset line, A20) and the set-2 -> set-1 translation;
-* the **keyboard** behind its first port: the command set Linux's atkbd and firmware
-  use (reset, LEDs, echo, ID, scancode set, typematic, enable/disable, defaults,
-  resend), answering unknown commands with 0xFE (resend) as keyboards do;
-* an **idle PS/2 mouse** behind the aux port (``aux=none`` removes it): it answers the
-  standard mouse commands and never moves.
-
-The key-event backend (the server's stream backend) talks to :meth:`I8042.feed`: UTF-8
-text to type, with key names in angle brackets (syntax in
-:class:`remote_hw.input.keytext.KeyText`). Host code (the evdev backend, the FUSE
-view) calls :meth:`I8042.key_event` (one press or release) or :meth:`I8042.type_text`.
-Every key the host side types is also published as a device event ``key.CODE.0|1``
-(:mod:`remote_hw.input.device_events`), so a client can re-emit the keyboard on its
-own host (``remote-hw vm --uinput``).
-
-Interrupts: ``irq`` is IRQ 1 (output buffer holds keyboard-side data and command-byte
-bit 0 is set); ``aux_irq`` (keyword, default unconnected) is IRQ 12. When the guest reads
-a byte and another one is waiting, the line drops and rises again within that read, so
-an edge-triggered 8259 sees one edge per byte, as with the real chip's gap between
-bytes. A guest write of 0xFE (any pulse command with bit 0 clear) to port 0x64, or an
-output-port write with bit 0 clear, calls ``events("reset-request")``.
-
-Deliberate differences from the hardware are listed in docs/devices.md.
+The controller owns what a guest sees at the two ports: the status register, a
+32-byte RAM whose byte 0 is the command byte, the one-byte output buffer (filled from
+the controller itself, the keyboard or the aux device), the output port (reset line,
+A20) and the set-2 -> set-1 translation. It also takes host key input (text, key
+names, single key events) and hands it to the keyboard as key codes. The devices
+behind its ports are :mod:`.keyboard` and :mod:`.mouse`; the package docstring
+(:mod:`remote_hw.devices.i8042`) describes the whole.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 from remote_hw.input import keys as keymap
 from remote_hw.input.device_events import key_event_name
 from remote_hw.input.keytext import KeyText
-from remote_hw.input.scancodes import scancodes
 
-from .base import EVENT_RESET_REQUEST, ByteRegisters, IrqLine, NullIrq, StreamDevice
+from ..base import EVENT_RESET_REQUEST, ByteRegisters, IrqLine, NullIrq, StreamDevice
+from .keyboard import PS2Keyboard
+from .mouse import PS2Mouse
+from .ps2 import KBD_RESEND
+from .translation import XLAT_TABLE
 
 DATA = 0          # port 0x60
 STATUS = 4        # port 0x64: read status, write command
@@ -82,251 +58,8 @@ POWER_ON_COMMAND_BYTE = CB_KBD_INT | CB_AUX_INT
 POWER_ON_OUTPUT_PORT = OP_RESET | OP_A20 | OP_ONES
 INPUT_PORT = 0x80
 
-# Keyboard replies
-KBD_ACK = 0xFA
-KBD_RESEND = 0xFE
-KBD_BAT_OK = 0xAA
-KBD_ECHO = 0xEE
-KBD_ID = (0xAB, 0x83)     # MF2 keyboard; 0x83 reads 0x41 through the translation
-DEFAULT_TYPEMATIC = 0x2B  # 10.9 characters/s after 500 ms
-DEFAULT_BACKLOG = 64 * 1024
+DEFAULT_BACKLOG = 64 * 1024  # bytes of scan codes the keyboard may hold
 
-# The 8042's set-2 -> set-1 translation table (bytes 0x80-0xFF pass unchanged except
-# 0x83 (F7) and 0x84 (SysRq)). The 0xF0 break prefix is swallowed and sets bit 7 of the
-# next translated byte.
-_XLAT_LOW = bytes((
-    0xff, 0x43, 0x41, 0x3f, 0x3d, 0x3b, 0x3c, 0x58, 0x64, 0x44, 0x42, 0x40, 0x3e, 0x0f, 0x29, 0x59,
-    0x65, 0x38, 0x2a, 0x70, 0x1d, 0x10, 0x02, 0x5a, 0x66, 0x71, 0x2c, 0x1f, 0x1e, 0x11, 0x03, 0x5b,
-    0x67, 0x2e, 0x2d, 0x20, 0x12, 0x05, 0x04, 0x5c, 0x68, 0x39, 0x2f, 0x21, 0x14, 0x13, 0x06, 0x5d,
-    0x69, 0x31, 0x30, 0x23, 0x22, 0x15, 0x07, 0x5e, 0x6a, 0x72, 0x32, 0x24, 0x16, 0x08, 0x09, 0x5f,
-    0x6b, 0x33, 0x25, 0x17, 0x18, 0x0b, 0x0a, 0x60, 0x6c, 0x34, 0x35, 0x26, 0x27, 0x19, 0x0c, 0x61,
-    0x6d, 0x73, 0x28, 0x74, 0x1a, 0x0d, 0x62, 0x6e, 0x3a, 0x36, 0x1c, 0x1b, 0x75, 0x2b, 0x63, 0x76,
-    0x55, 0x56, 0x77, 0x78, 0x79, 0x7a, 0x0e, 0x7b, 0x7c, 0x4f, 0x7d, 0x4b, 0x47, 0x7e, 0x7f, 0x6f,
-    0x52, 0x53, 0x50, 0x4c, 0x4d, 0x48, 0x01, 0x45, 0x57, 0x4e, 0x51, 0x4a, 0x37, 0x49, 0x46, 0x54,
-))
-XLAT_TABLE = bytes(_XLAT_LOW + bytes(0x41 if b == 0x83 else 0x54 if b == 0x84 else b
-                                     for b in range(0x80, 0x100)))
-
-
-def translate(data: bytes) -> bytes:
-    """What the 8042 makes of a set-2 byte stream with translation on (for tests)."""
-    out = bytearray()
-    brk = False
-    for b in data:
-        if b == 0xF0:
-            brk = True
-            continue
-        out.append(XLAT_TABLE[b] | (0x80 if brk else 0))
-        brk = False
-    return bytes(out)
-
-
-# -- the devices behind the two ports -------------------------------------------------
-
-class _PS2Keyboard:
-    """An MF2 keyboard: commands in, responses and scan codes out (raw, before the
-    controller's translation)."""
-
-    def __init__(self, backlog: int) -> None:
-        self.backlog = backlog
-        self.resp: deque[int] = deque()     # command responses: sent before scan codes
-        self.power_on()
-
-    def power_on(self) -> None:
-        self.resp.clear()
-        self.scan: deque[int] = deque()   # scan codes not yet sent (bounded)
-        self.held: set[int] = set()         # keys pressed (as far as the guest knows)
-        self.expect: int | None = None      # command waiting for its argument byte
-        self.last_sent = KBD_ACK
-        self.defaults()
-        self.scanning = True
-
-    def defaults(self) -> None:
-        self.codeset = 2
-        self.leds = 0
-        self.typematic = DEFAULT_TYPEMATIC
-
-    def pending(self) -> bool:
-        return bool(self.resp or self.scan)
-
-    def pop(self) -> int:
-        b = self.resp.popleft() if self.resp else self.scan.popleft()
-        self.last_sent = b
-        return b
-
-    def reply(self, *data: int) -> None:
-        self.resp.extend(data)
-
-    def write(self, b: int) -> None:
-        """A byte from the host (through port 0x60)."""
-        cmd = self.expect
-        if cmd is not None and b < 0xED:     # an argument (a command byte aborts it)
-            self.expect = None
-            if cmd == 0xED:                  # set LEDs: bit 0 scroll, 1 num, 2 caps
-                self.leds = b & 0x07
-                self.reply(KBD_ACK)
-            elif cmd == 0xF3:                # typematic rate/delay
-                self.typematic = b & 0x7F
-                self.reply(KBD_ACK)
-            elif cmd == 0xF0:                # scancode set: 0 asks, 1 and 2 select
-                if b == 0:
-                    self.reply(KBD_ACK, self.codeset)
-                elif b in (1, 2):
-                    self.codeset = b
-                    self.reply(KBD_ACK)
-                else:                        # set 3 (or junk): not supported
-                    self.expect = cmd
-                    self.reply(KBD_RESEND)
-            return
-        self.expect = None
-        if b in (0xED, 0xF0, 0xF3):
-            self.expect = b
-            self.reply(KBD_ACK)
-        elif b == 0xEE:
-            self.reply(KBD_ECHO)
-        elif b == 0xF2:
-            self.reply(KBD_ACK, *KBD_ID)
-        elif b == 0xF4:
-            self.clear()
-            self.scanning = True
-            self.reply(KBD_ACK)
-        elif b in (0xF5, 0xF6):
-            self.clear()
-            self.defaults()
-            self.scanning = b == 0xF6
-            self.reply(KBD_ACK)
-        elif 0xF7 <= b <= 0xFD:              # set-3 key type commands: no effect here
-            self.reply(KBD_ACK)
-        elif b == 0xFE:
-            self.reply(self.last_sent)
-        elif b == 0xFF:
-            self.clear()
-            self.resp.clear()
-            self.defaults()
-            self.scanning = True
-            self.reply(KBD_ACK, KBD_BAT_OK)
-        else:
-            self.reply(KBD_RESEND)
-
-    def key(self, code: int, pressed: bool) -> bool:
-        """Queue the scan codes of one key event; False if it was dropped.
-
-        When the backlog is full, presses are dropped; the release of a key whose
-        press went in is always queued (beyond the limit if need be) and the release of
-        one whose press was dropped is dropped, so the guest never sees a stuck key.
-        """
-        if not self.scanning:
-            return False
-        held = self.held
-        if pressed:
-            data = scancodes(code, True, self.codeset)
-            if len(self.scan) + len(data) > self.backlog:
-                return False
-            held.add(code)
-        else:
-            if code not in held:
-                return False
-            held.discard(code)
-            data = scancodes(code, False, self.codeset)
-        self.scan.extend(data)
-        return True
-
-    def clear(self) -> None:
-        self.scan.clear()
-        self.held.clear()
-
-
-class _PS2Mouse:
-    """A PS/2 mouse that is never moved: enough for firmware and psmouse probes."""
-
-    def __init__(self) -> None:
-        self.resp: deque[int] = deque()
-        self.power_on()
-
-    def power_on(self) -> None:
-        self.resp.clear()
-        self.expect: int | None = None
-        self.wrap = False
-        self.last_sent = KBD_ACK
-        self.defaults()
-
-    def defaults(self) -> None:
-        self.remote = False
-        self.enabled = False
-        self.scale21 = False
-        self.resolution = 2
-        self.rate = 100
-
-    def pending(self) -> bool:
-        return bool(self.resp)
-
-    def pop(self) -> int:
-        b = self.resp.popleft()
-        self.last_sent = b
-        return b
-
-    def reply(self, *data: int) -> None:
-        self.resp.extend(data)
-
-    def status_byte(self) -> int:
-        return (0x40 if self.remote else 0) | (0x20 if self.enabled else 0) | \
-               (0x10 if self.scale21 else 0)
-
-    def write(self, b: int) -> None:
-        cmd = self.expect
-        if cmd is not None:
-            self.expect = None
-            if cmd == 0xE8:
-                self.resolution = b & 0x03
-            else:
-                self.rate = b
-            self.reply(KBD_ACK)
-            return
-        if self.wrap and b not in (0xEC, 0xFF):
-            self.reply(b)                    # wrap (echo) mode
-            return
-        if b in (0xE8, 0xF3):
-            self.expect = b
-            self.reply(KBD_ACK)
-        elif b in (0xE6, 0xE7):
-            self.scale21 = b == 0xE7
-            self.reply(KBD_ACK)
-        elif b == 0xE9:
-            self.reply(KBD_ACK, self.status_byte(), self.resolution, self.rate)
-        elif b == 0xEA:
-            self.remote = False
-            self.reply(KBD_ACK)
-        elif b == 0xEB:
-            self.reply(KBD_ACK, 0x08, 0x00, 0x00)   # no buttons, no movement
-        elif b == 0xEC:
-            self.wrap = False
-            self.reply(KBD_ACK)
-        elif b == 0xEE:
-            self.wrap = True
-            self.reply(KBD_ACK)
-        elif b == 0xF0:
-            self.remote = True
-            self.reply(KBD_ACK)
-        elif b == 0xF2:
-            self.reply(KBD_ACK, 0x00)        # a standard mouse
-        elif b in (0xF4, 0xF5):
-            self.enabled = b == 0xF4
-            self.reply(KBD_ACK)
-        elif b == 0xF6:
-            self.defaults()
-            self.reply(KBD_ACK)
-        elif b == 0xFE:
-            self.reply(self.last_sent)
-        elif b == 0xFF:
-            self.resp.clear()
-            self.wrap = False
-            self.defaults()
-            self.reply(KBD_ACK, KBD_BAT_OK, 0x00)
-        else:
-            self.reply(KBD_RESEND)
-
-
-# -- the controller ------------------------------------------------------------------
 
 class I8042(ByteRegisters, StreamDevice):
     """The PC's keyboard controller with a PS/2 keyboard and (optionally) a mouse.
@@ -354,8 +87,8 @@ class I8042(ByteRegisters, StreamDevice):
         if limit < 16:
             raise ValueError(f"{self.kind}: backlog must be >= 16, got {limit}")
         self.aux_irq: IrqLine = aux_irq if aux_irq is not None else NullIrq()
-        self.kbd = _PS2Keyboard(limit)
-        self.mouse = _PS2Mouse() if aux == "mouse" else None
+        self.kbd = PS2Keyboard(limit)
+        self.mouse = PS2Mouse() if aux == "mouse" else None
         self._text = KeyText()
         # Counters (kept across reset()).
         self.key_events = 0        # key presses/releases accepted from the host side

@@ -1,0 +1,162 @@
+"""The server's limit parts without sockets: safe log text, the rate limiter, the
+connection gate, the outbox and the watchdog's decisions (tests/test_hardening.py
+drives the same through real server processes)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from remote_hw.server.limits import ConnectionGate, Limits
+from remote_hw.server.logsafe import RateLimitedLog, safe_text
+from remote_hw.server.outbox import Outbox
+from remote_hw.server.watchdog import Watchdog
+
+
+def test_safe_text_escapes_controls_and_caps():
+    assert safe_text("plain text") == "plain text"
+    assert safe_text("a\nb\r\x1b[2J\\n\u2028") == "a\\nb\\r\\x1b[2J\\\\n\\u2028"
+    out = safe_text("x" * 500, cap=10)
+    assert out == "x" * 10 + "...[490 more characters]"
+    assert "\n" not in safe_text("\n" * 1000)
+
+
+def test_rate_limited_log_counts_what_it_suppresses(caplog):
+    lim = RateLimitedLog(logging.getLogger("t"), interval=0.2, burst=3)
+    with caplog.at_level(logging.WARNING):
+        sent = [lim("line %d", i) for i in range(100)]
+        assert sent.count(True) == 3 and lim.suppressed == 97
+        time.sleep(0.25)
+        assert lim("again")
+    assert "again (97 similar line(s) suppressed before this one)" in caplog.text
+    assert len(caplog.records) == 4
+
+
+def test_gate_counts_total_and_per_peer():
+    gate = ConnectionGate(Limits(max_connections=3, max_per_peer=2))
+    assert gate.admit("a") is None and gate.admit("a") is None
+    assert "--max-per-peer 2" in (gate.admit("a") or "")
+    assert gate.admit("b") is None
+    assert "--max-connections 3" in (gate.admit("c") or "")
+    gate.release("a")
+    assert gate.admit("c") is None
+    for host in ("a", "b", "c"):
+        gate.release(host)
+    assert gate.total == 0 and not gate._per_peer   # nothing remembered per address
+
+
+def test_limits_refuse_nonsense():
+    with pytest.raises(ValueError, match="--max-queue"):
+        Limits(max_queue=0)
+    with pytest.raises(ValueError, match="--idle-timeout"):
+        Limits(idle_timeout=0)
+
+
+def test_outbox_never_blocks_and_overflows_once():
+    release = threading.Event()
+    written: list[bytes] = []
+
+    def write(data: bytes) -> None:   # a peer that does not read: the write blocks
+        release.wait(5)
+        written.append(data)
+
+    reasons: list[str] = []
+    box = Outbox(write, threading.Lock(), limit=100, name="t", on_overflow=reasons.append)
+    t0 = time.monotonic()
+    results = [box.put(b"x" * 10) for _ in range(30)]
+    assert time.monotonic() - t0 < 0.5        # queued, never waited for the peer
+    assert results[:10] == [True] * 10 and not any(results[10:])
+    assert len(reasons) == 1 and "100 (--max-queue)" in reasons[0]
+    release.set()
+
+
+def test_outbox_writes_in_order():
+    written: list[bytes] = []
+    done = threading.Event()
+
+    def write(data: bytes) -> None:
+        written.append(data)
+        if b"".join(written).endswith(b"9"):
+            done.set()
+
+    box = Outbox(write, threading.Lock(), limit=1 << 20, name="t",
+                 on_overflow=lambda why: None)
+    for i in range(10):
+        box.put(str(i).encode())
+    assert done.wait(5)
+    assert b"".join(written) == b"0123456789"
+    box.close()
+
+
+def test_a_direct_write_sends_what_was_queued_first():
+    # The session's own feedback must not overtake an interrupt queued before it: the
+    # writer thread only dequeues under the write lock, and a direct writer holding
+    # that lock takes what is queued and sends it ahead of its own frame.
+    wlock = threading.Lock()
+    wire: list[bytes] = []
+    box = Outbox(wire.append, wlock, limit=1 << 20, name="t", on_overflow=lambda why: None)
+    with wlock:                        # the connection thread is writing its feedback
+        box.put(b"irq1")              # a backend raises an interrupt meanwhile
+        box.put(b"irq2")
+        assert box.queued == 8
+        wire.append(box.take() + b"feedback")
+    assert box.take() == b"" and box.queued == 0
+    time.sleep(0.2)                    # the writer thread found nothing left to send
+    assert wire == [b"irq1irq2feedback"]
+    box.close()
+
+
+class _Conn:
+    def __init__(self, ready: bool) -> None:
+        self.peer = "p"
+        self.accepted_at = 0.0
+        self.ready = ready
+        self.rx = 0
+        self.pings: list[int] = []
+        self.aborted: list[str] = []
+
+    def ping(self, nonce: int) -> None:
+        self.pings.append(nonce)
+
+    def abort(self, why: str) -> None:
+        self.aborted.append(why)
+
+
+def test_watchdog_handshake_deadline():
+    dog = Watchdog(Limits(handshake_timeout=2, idle_timeout=9))
+    c = _Conn(ready=False)
+    dog.watch(c)
+    dog.check(1.9)
+    assert not c.aborted
+    dog.check(2.0)
+    assert c.aborted == ["no HELLO within 2 s of connecting (--handshake-timeout)"]
+
+
+def test_watchdog_pings_then_closes_a_silent_connection_but_not_a_live_one():
+    dog = Watchdog(Limits(idle_timeout=9))
+    silent, live = _Conn(ready=True), _Conn(ready=True)
+    for c in (silent, live):
+        dog.watch(c)
+    for now in range(0, 10):
+        dog.check(float(now))
+        live.rx += 1 if now % 4 == 3 else 0   # answers (a PONG) now and then
+    assert len(silent.pings) == 2 and len(silent.aborted) == 1
+    assert "nothing received for 9 s" in silent.aborted[0]
+    assert not live.aborted
+
+
+def test_watchdog_does_not_blame_peers_for_its_own_pause():
+    """A server stopped (SIGSTOP) longer than the timeouts: on SIGCONT nobody is
+    closed for the time the server itself did not read."""
+    dog = Watchdog(Limits(handshake_timeout=2, idle_timeout=9), tick=0.5)
+    new, old = _Conn(ready=False), _Conn(ready=True)
+    dog.watch(new)
+    dog.watch(old)
+    dog.check(0.0)
+    dog.check(100.0)          # 100 s later: the process was stopped
+    assert not new.aborted and not old.aborted
+    dog.check(102.0)
+    assert new.aborted        # the deadlines run again from the pause's end

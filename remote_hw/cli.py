@@ -22,6 +22,7 @@ from remote_hw.config import (
     parse_pair,
     parse_server,
     parse_size,
+    vm_id_arg,
 )
 
 
@@ -48,16 +49,6 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
         return value
     convert.__name__ = kind.__name__
     return convert
-
-
-def _vm_id(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 1 <= value <= 0xFFFFFFFF:
-        raise argparse.ArgumentTypeError(f"{value} is outside 1-4294967295")
-    return value
 
 
 def _setup_logging(level: str) -> None:
@@ -213,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--image", required=True, metavar="FILE",
                    help="guest image: a raw boot-sector binary (loaded at 0x7c00, real "
                         "mode) or an ELF file (32-bit: protected mode, 64-bit: long mode)")
-    v.add_argument("--vm-id", type=_vm_id, default=1, metavar="N",
+    v.add_argument("--vm-id", type=vm_id_arg, default=1, metavar="N",
                    help="this VM's id in requests (default 1)")
     v.add_argument("--server", type=_typed(parse_server), action="append", default=[],
                    metavar="NAME=HOST:PORT", help="a server the maps refer to; repeat")

@@ -7,6 +7,7 @@ into "FILE: vm 2: ...".
 
 from __future__ import annotations
 
+import argparse
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -312,3 +313,15 @@ def load_agent_config(path: str | Path) -> AgentConfig:
     if tls and not Path(tls["dir"]).is_absolute():
         tls["dir"] = str(path.parent / tls["dir"])
     return AgentConfig(servers, vms, tls, vias)
+
+
+def vm_id_arg(text: str) -> int:
+    """An argparse ``type=`` for a VM id (1 to 2**32 - 1, any base ``int(x, 0)`` reads);
+    the commands that name a VM (``vm``, ``bridge``) share it."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= value <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1-4294967295")
+    return value

@@ -11,19 +11,9 @@ from remote_hw.devices.registry import DEVICE_KINDS, create_device
 from remote_hw.input import keys, layout, scancodes
 from remote_hw.input.keytext import KeyText, key_events_for_name
 
+from helpers import RecordingIrq
+
 DATA, CMD = 0, 4
-
-
-class RecordingIrq:
-    def __init__(self) -> None:
-        self.calls: list[bool] = []
-
-    @property
-    def level(self) -> bool:
-        return self.calls[-1] if self.calls else False
-
-    def set_level(self, level: bool) -> None:
-        self.calls.append(bool(level))
 
 
 @pytest.fixture

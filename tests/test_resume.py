@@ -21,6 +21,7 @@ from remote_hw.net.link import ServerLink
 from remote_hw.net.recovery import MAX_DELAY, backoff
 from remote_hw.net.security import TlsConfig
 from remote_hw.protocol import (
+    NEED_DATA,
     Connection,
     LocalProtocolError,
     RemoteProtocolError,
@@ -200,7 +201,8 @@ def raw_tls(keys, name: str, srv: Server, features: int = m.SUPPORTED_FEATURES):
             ev = conn.next_event()
             if isinstance(ev, (m.Welcome, m.Feedback, m.Error)):
                 return ev
-            conn.receive_data(sock.recv(4096))
+            if ev is NEED_DATA:  # other events (interrupts) may share a read: drain first
+                conn.receive_data(sock.recv(4096))
 
     roundtrip(m.Hello(name=name, features=features))
     return sock, roundtrip

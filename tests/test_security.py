@@ -14,7 +14,7 @@ from remote_hw.config import DeviceSpec
 from remote_hw.net import security
 from remote_hw.net.link import LinkError, ServerLink
 from remote_hw.net.security import TlsConfig
-from remote_hw.protocol import Connection, Role
+from remote_hw.protocol import NEED_DATA, Connection, Role
 from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import AccessKind, Direction, Status
 from remote_hw.server.controller import Controller
@@ -137,7 +137,8 @@ def _raw_tls(keys_dir, name, srv):
             ev = conn.next_event()
             if isinstance(ev, (m.Welcome, m.Feedback, m.Error)):
                 return ev
-            conn.receive_data(sock.recv(4096))
+            if ev is NEED_DATA:  # other events (interrupts) may share a read: drain first
+                conn.receive_data(sock.recv(4096))
     return sock, roundtrip
 
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from remote_hw.net.logsafe import RateLimitedLog, safe_text
 from remote_hw.server.limits import ConnectionGate, Limits
-from remote_hw.server.logsafe import RateLimitedLog, safe_text
 from remote_hw.server.outbox import Outbox
 from remote_hw.server.watchdog import Watchdog
 

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from remote_hw.config import ConfigError, check_ident, parse_pair, parse_server
+from remote_hw.config import ConfigError, check_ident, parse_pair, parse_server, vm_id_arg
 
 log = logging.getLogger("remote_hw.bridge")
 
@@ -57,16 +57,6 @@ def _timeout(text: str) -> float:
     return value
 
 
-def _vm_id(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 1 <= value <= 0xFFFFFFFF:
-        raise argparse.ArgumentTypeError(f"{value} is outside 1-4294967295")
-    return value
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``bridge`` to ``remote-hw``'s subcommands; it runs :func:`run`."""
     from remote_hw.bridge.pci import TEMPLATES
@@ -91,7 +81,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument("--template", choices=sorted(TEMPLATES), default="pci-serial",
                    help="the PCI identity shown to the guest (default pci-serial: a 16550 "
                         "that Linux's 8250_pci binds)")
-    b.add_argument("--vm-id", type=_vm_id, default=1, metavar="N",
+    b.add_argument("--vm-id", type=vm_id_arg, default=1, metavar="N",
                    help="VM id of the first QEMU; each further QEMU connected at the same "
                         "time takes the next free id (default 1)")
     b.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",

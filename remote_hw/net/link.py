@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from remote_hw.net import fastio
+from remote_hw.net.logsafe import safe_text
 from remote_hw.net.recovery import Recovery, poke
 from remote_hw.net.security import Identity, KeyMaterialError, TlsConfig
 from remote_hw.net.transport import TlsTransport, Transport
@@ -190,7 +191,8 @@ class ServerLink:
                     if ev is CLOSED:
                         raise LinkError(f"{where}: closed the connection during the handshake")
                     if isinstance(ev, m.Error):
-                        raise LinkError(f"{where}: refused the handshake: {ev.text}")
+                        raise LinkError(f"{where}: refused the handshake: "
+                                        f"{safe_text(ev.text)}")
                     if isinstance(ev, m.Welcome):
                         welcome = ev
                         break
@@ -567,7 +569,7 @@ class ServerLink:
                 return
             elif cls is m.Error:
                 log.error("server %s reports error %s: %s", self.name,
-                          getattr(ev.code, "name", ev.code), ev.text)
+                          getattr(ev.code, "name", ev.code), safe_text(ev.text))
                 slot = pending.pop(ev.request_id, None) if ev.request_id else None
                 if slot is not None:
                     slot.status = Status.DEVICE_ERROR

@@ -26,6 +26,7 @@ import threading
 import time
 
 from remote_hw.net import fastio
+from remote_hw.net.logsafe import RateLimitedLog
 from remote_hw.net.security import KeyMaterialError, TlsConfig
 from remote_hw.net.transport import TlsTransport, Transport
 from remote_hw.protocol import Connection, ProtocolError, Role
@@ -34,7 +35,6 @@ from remote_hw.protocol.messages import ErrorCode
 from remote_hw.server.controller import Controller
 from remote_hw.server.directory import Directory, StaticDirectory
 from remote_hw.server.limits import ConnectionGate, Limits
-from remote_hw.server.logsafe import RateLimitedLog
 from remote_hw.server.policy import AccessPolicy
 from remote_hw.server.router import Router
 from remote_hw.server.session import ClientSession

@@ -24,7 +24,7 @@ the watchdog's PING), often with a device lock held, go to the session's bounded
 disconnected when the queue is full. Only the connection thread's own replies (its
 feedback, with the interrupts its access raised) are written directly.
 
-What the peer sends is logged through :mod:`.logsafe`: texts escaped and capped,
+What the peer sends is logged through :mod:`remote_hw.net.logsafe`: texts escaped and capped,
 per-request warnings rate-limited with a count.
 """
 
@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from remote_hw.net import fastio
+from remote_hw.net.logsafe import RateLimitedLog, safe_text
 from remote_hw.net.security import Identity
 from remote_hw.net.transport import Transport
 from remote_hw.protocol import (
@@ -52,7 +53,6 @@ from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import ErrorCode, Status
 from remote_hw.server.controller import SessionSink
 from remote_hw.server.limits import QuotaExceeded
-from remote_hw.server.logsafe import RateLimitedLog, safe_text
 from remote_hw.server.origin import acting_name, on_origin
 from remote_hw.server.outbox import Outbox
 from remote_hw.server.resume import Resumable, SinkRelay, WriteWindow, on_resume, release

@@ -1,6 +1,7 @@
 """Logging what a peer sent without letting the peer write the log.
 
-Two ways a client could abuse the server's log, and what this module does about them:
+Two ways a peer could abuse the log (a client the server's, a server a client's),
+and what this module does about them:
 
 * **Forged lines.** An ERROR text (free UTF-8 on the wire) logged verbatim can hold a
   newline and a line that looks like the server's own ("client 99 (admin)

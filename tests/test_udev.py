@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -284,12 +285,15 @@ def _drive(address: tuple[str, int], device: str, pty: Pty) -> None:
         assert pty.read(4) == b"ATZ\r"
         os.write(pty.master, b"OK")
         got = bytearray()
-        for _ in range(200):
-            if len(got) == 2:
-                break
+        # Poll the line status as a driver would, bounded in time rather than in count:
+        # the tty backend's reader thread may be slow to run on a loaded machine.
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
             status, lsr = link.io(1, device, AccessKind.PORT, 5, 1, R)
             if lsr & 1:
                 got.append(link.io(1, device, AccessKind.PORT, 0, 1, R)[1])
+            else:
+                time.sleep(0.001)
         assert bytes(got) == b"OK"
     finally:
         link.close()

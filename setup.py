@@ -46,11 +46,12 @@ class BuildPyWithData(build_py):
 
 
 setup(ext_modules=[Extension("remote_hw.net._fastio", ["remote_hw/net/_fastio.c"], optional=True,
+                             depends=["remote_hw/net/_sockio.h"],
                              extra_compile_args=["-O2", "-Wall", "-Wextra",
                                                  "-Wno-unused-parameter"]),
                    # The bridge's per-access socket calls (remote_hw/bridge/fastpath.py).
                    Extension("remote_hw.bridge._fastvfu", ["remote_hw/bridge/_fastvfu.c"],
-                             optional=True,
+                             optional=True, depends=["remote_hw/net/_sockio.h"],
                              extra_compile_args=["-O2", "-Wall", "-Wextra",
                                                  "-Wno-unused-parameter"])],
       cmdclass={"build_py": BuildPyWithData})

@@ -44,7 +44,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.remote-hw-installed
-want=$(cat pyproject.toml setup.py remote_hw/net/_fastio.c remote_hw/bridge/_fastvfu.c | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py remote_hw/net/_fastio.c remote_hw/net/_sockio.h remote_hw/bridge/_fastvfu.c | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "install: pip install -e .[test]"
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'

@@ -32,6 +32,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+
+#include "../net/_sockio.h"  /* send_all */
 #include <unistd.h>
 
 /* Header: u16 id, u16 command, u32 size (incl. header), u32 flags, u32 error. */
@@ -62,31 +64,6 @@ static int parse_fd(PyObject *arg, int *fd) {
     return !(*fd == -1 && PyErr_Occurred());
 }
 
-/* Send every byte (MSG_NOSIGNAL: a QEMU gone away is an EPIPE, not a signal).  First
- * without blocking and without releasing the GIL: a reply of a few dozen bytes nearly
- * always fits the socket buffer.  Returns 0, or -1 with errno set. */
-static int send_all(int fd, const unsigned char *buf, Py_ssize_t len) {
-    ssize_t n;
-    do n = send(fd, buf, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
-    while (n < 0 && errno == EINTR);
-    if (n == len) return 0;
-    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) return -1;
-    if (n < 0) n = 0;
-    int err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    while (n < len) {
-        ssize_t k = send(fd, buf + n, (size_t)(len - n), MSG_NOSIGNAL);
-        if (k < 0) {
-            if (errno == EINTR) continue;
-            err = errno;
-            break;
-        }
-        n += k;
-    }
-    Py_END_ALLOW_THREADS
-    if (err) { errno = err; return -1; }
-    return 0;
-}
 
 /* The access frame at p (n bytes available) as a new tuple; NULL with no error set
  * when it is not one (or not complete), NULL with an error set on a failure.  *size

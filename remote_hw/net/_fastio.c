@@ -27,6 +27,8 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
+#include "_sockio.h"  /* send_all */
+
 /* Frame header: magic "RH" (u16), type (u8), flags (u8), payload length (u32). */
 #define HDR 8
 #define MAGIC0 'R'
@@ -97,31 +99,6 @@ static inline int fits(uint64_t data, unsigned size) {
     return size >= 8 || (data >> (size * 8)) == 0;
 }
 
-/* Send every byte.  First try without blocking and without releasing the GIL (a frame
- * of a few dozen bytes nearly always fits the socket buffer); block only for the rest.
- * Returns 0, or -1 with errno set. */
-static int send_all(int fd, const char *buf, Py_ssize_t len) {
-    ssize_t n;
-    do n = send(fd, buf, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
-    while (n < 0 && errno == EINTR);
-    if (n == len) return 0;
-    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) return -1;
-    if (n < 0) n = 0;
-    int err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    while (n < len) {
-        ssize_t k = send(fd, buf + n, (size_t)(len - n), MSG_NOSIGNAL);
-        if (k < 0) {
-            if (errno == EINTR) continue;
-            err = errno;
-            break;
-        }
-        n += k;
-    }
-    Py_END_ALLOW_THREADS
-    if (err) { errno = err; return -1; }
-    return 0;
-}
 
 /* One recv() with the GIL released.  A signal that interrupts it (a vCPU kick, Ctrl-C)
  * runs its Python handler, as PEP 475 has Python's own calls do, and then counts as

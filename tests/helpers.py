@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -283,3 +284,16 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def make_keys(directory: Path, servers: Iterable[str] = (), clients: Iterable[str] = ()
+              ) -> Path:
+    """A CA in ``directory`` and a certificate for each server and client name (the
+    layout ``--tls-dir`` reads); returns ``directory``."""
+    from remote_hw.net import security
+    security.init_ca(directory)
+    for name in servers:
+        security.issue(directory, name, "server")
+    for name in clients:
+        security.issue(directory, name, "client")
+    return directory

@@ -34,7 +34,16 @@ import pytest
 
 from remote_hw.bridge import qemu as bridge_qemu
 
-from helpers import REPO, Proc, backend_port, read_until, remote_hw_cmd, start_server, wait_until
+from helpers import (
+    REPO,
+    Proc,
+    backend_port,
+    make_keys,
+    read_until,
+    remote_hw_cmd,
+    start_server,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.timeout(600)]
 
@@ -410,12 +419,8 @@ def test_two_vms_on_one_bridge_over_mutual_tls_get_their_own_uarts(tmp_path, gue
     """Two QEMUs on one bridge, the link in mutual TLS: each guest binds its own
     16550, its text reaches only its own instance's backend, and text sent into a
     backend is read only by the guest that owns it."""
-    from remote_hw.net import security
     kernel, initrd = guest
-    keys = tmp_path / "keys"
-    security.init_ca(keys)
-    security.issue(keys, "a", "server")
-    security.issue(keys, "client", "client")
+    keys = make_keys(tmp_path / "keys", ["a"], ["client"])
     server, port = start_server("uart0=uart16550,backend=tcp:127.0.0.1:0",
                                 extra=("--tls-dir", str(keys)))
     sock = tmp_path / "uart.sock"

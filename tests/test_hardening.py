@@ -34,7 +34,7 @@ from remote_hw.backends.registry import open_backend
 from remote_hw.protocol import CLOSED
 from remote_hw.protocol import messages as m
 
-from helpers import Proc, RawClient, backend_port, read_until, start_server, wait_until
+from helpers import Proc, RawClient, backend_port, make_keys, read_until, start_server, wait_until
 
 TIMEOUT = 2.0   # "one timeout": what no other client may be made to wait
 
@@ -228,9 +228,7 @@ def test_handshake_deadline_covers_the_tls_handshake(tmp_path):
 
     from remote_hw.net import security
     from remote_hw.net.link import ServerLink
-    security.init_ca(tmp_path)
-    for name, role in (("a", "server"), ("c1", "client")):
-        security.issue(tmp_path, name, role)
+    make_keys(tmp_path, ["a"], ["c1"])
     proc, port = start_server("rtc0=cmos-rtc", extra=(
         "--tls-dir", str(tmp_path), "--handshake-timeout", "1"))
     try:

@@ -16,7 +16,6 @@ import time
 import pytest
 
 from remote_hw.config import DeviceSpec
-from remote_hw.net import security
 from remote_hw.net.link import ServerLink
 from remote_hw.net.security import TlsConfig
 from remote_hw.protocol import messages as m
@@ -25,18 +24,15 @@ from remote_hw.server.controller import Controller
 from remote_hw.server.directory import StaticDirectory
 from remote_hw.server.listener import Server
 
+from helpers import make_keys
+
 R, W, PORT = Direction.READ, Direction.WRITE, AccessKind.PORT
 SCRATCH = 7
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    security.init_ca(d)
-    for name, role in [("a", "server"), ("b", "server"), ("alice", "client"),
-                       ("bob", "client")]:
-        security.issue(d, name, role)
-    return d
+    return make_keys(tmp_path_factory.mktemp("keys"), ["a", "b"], ["alice", "bob"])
 
 
 @pytest.fixture

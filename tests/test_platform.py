@@ -15,9 +15,8 @@ import textwrap
 import pytest
 
 from remote_hw.guest_images import guest_image
-from remote_hw.net import security
 
-from helpers import REPO, Proc, remote_hw_cmd, wait_until
+from helpers import REPO, Proc, make_keys, remote_hw_cmd, wait_until
 from rig import Etcd, rig_down, rig_up
 
 # Real guests (kvm) in network namespaces (netns, root) with a real etcd.
@@ -43,11 +42,7 @@ def etcd(rig, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    security.init_ca(d)
-    for name, role in [("a", "server"), ("b", "server"), ("c1", "client")]:
-        security.issue(d, name, role)
-    return d
+    return make_keys(tmp_path_factory.mktemp("keys"), ["a", "b"], ["c1"])
 
 
 class Platform:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import pytest
 
 from remote_hw.guest_images import guest_image
-from remote_hw.net import security
 
-from helpers import Proc, remote_hw_cmd
+from helpers import Proc, make_keys, remote_hw_cmd
 from rig import rig_down, rig_up
 
 pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.netns]
@@ -31,12 +30,7 @@ def rig():
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    security.init_ca(d)
-    for name, role in [("a", "server"), ("b", "server"), ("alice", "client"),
-                       ("bob", "client")]:
-        security.issue(d, name, role)
-    return d
+    return make_keys(tmp_path_factory.mktemp("keys"), ["a", "b"], ["alice", "bob"])
 
 
 @pytest.fixture(scope="module")

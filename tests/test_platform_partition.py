@@ -20,9 +20,7 @@ import time
 
 import pytest
 
-from remote_hw.net import security
-
-from helpers import Proc, remote_hw_cmd, wait_until
+from helpers import Proc, make_keys, remote_hw_cmd, wait_until
 from rig import rig_down, rig_up
 from seqstream import judge, outages, sequence_guest
 
@@ -40,11 +38,7 @@ def rig():
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    security.init_ca(d)
-    security.issue(d, "a", "server")
-    security.issue(d, "c1", "client")
-    return d
+    return make_keys(tmp_path_factory.mktemp("keys"), ["a"], ["c1"])
 
 
 def client_port(rig) -> str:

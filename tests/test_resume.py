@@ -16,7 +16,6 @@ import time
 import pytest
 
 from remote_hw.config import DeviceSpec
-from remote_hw.net import security
 from remote_hw.net.link import ServerLink
 from remote_hw.net.recovery import MAX_DELAY, backoff
 from remote_hw.net.security import TlsConfig
@@ -34,7 +33,7 @@ from remote_hw.server.controller import Controller
 from remote_hw.server.listener import Server
 from remote_hw.server.resume import ResumeTable, SinkRelay, WriteWindow
 
-from helpers import wait_until
+from helpers import make_keys, wait_until
 
 R, W, PORT = Direction.READ, Direction.WRITE, AccessKind.PORT
 SCRATCH = 7
@@ -168,11 +167,7 @@ def test_resume_and_origin_need_their_feature_bits():
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    security.init_ca(d)
-    for name, role in [("a", "server"), ("c1", "client"), ("c2", "client")]:
-        security.issue(d, name, role)
-    return d
+    return make_keys(tmp_path_factory.mktemp("keys"), ["a"], ["c1", "c2"])
 
 
 @pytest.fixture

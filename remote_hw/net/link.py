@@ -259,6 +259,11 @@ class ServerLink:
             if not self.up and self._t is None:
                 return
             was_up = self.up
+            if was_up and not self._closing:
+                # Logged before `up` turns false, under the lock: whoever sees the link
+                # down (or gets UNREACHABLE from it) can rely on the reason being logged.
+                log.error("server %s (%s:%d) is gone: %s; its devices now read as all ones "
+                          "and writes are dropped", self.name, *self.address, reason)
             self.up = False
             self.down_reason = reason
             pending, self._pending = self._pending, {}
@@ -271,9 +276,6 @@ class ServerLink:
             t.shutdown()
             t.close()
         if was_up:
-            if not self._closing:
-                log.error("server %s (%s:%d) is gone: %s; its devices now read as all ones "
-                          "and writes are dropped", self.name, *self.address, reason)
             self.on_state(self, False, reason)
             if not self._closing and self._recovery is not None:
                 self._recovery.lost(reason)

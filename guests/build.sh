@@ -31,11 +31,13 @@ raw hello
 raw echo
 raw rtc
 raw ioloop
+raw coalesce
 raw kbd
 raw reset
 raw ticker
 raw scratch
 raw mouse
+raw console
 elf hello32 32
 elf hello64 64
 elf mmio64 64

@@ -251,7 +251,8 @@ def cmd_vm(args: argparse.Namespace) -> int:
     except (ConfigError, KeyMaterialError) as e:
         return _usage_error("vm", str(e))
     agent = Agent(servers, timeout=args.timeout,
-                  client_name=tls.name if tls else f"vm{args.vm_id}", vias=vias, tls=tls)
+                  client_name=tls.name if tls else f"vm{args.vm_id}", vias=vias, tls=tls,
+                  posting=args.posting, coalescing=args.coalescing)
     try:
         agent.add_vm(VmConfig(args.vm_id, args.image, args.memory, list(args.map),
                               args.on_reset, uinput))
@@ -276,7 +277,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             return _usage_error("agent", f"argument --config: [tls]: {e}")
     agent = Agent(config.servers, timeout=args.timeout,
                   client_name=tls.name if tls else "agent", vias=config.vias, tls=tls,
-                  probes=args.probes)
+                  probes=args.probes, posting=args.posting, coalescing=args.coalescing)
     try:
         for vm in config.vms:
             agent.add_vm(vm)

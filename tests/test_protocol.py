@@ -71,6 +71,10 @@ SAMPLES = [
     Event(vm_id=1, client_id=2, device_id="wdt", name="reset-request"),
     m_.Resume(request_id=5, token=U64),
     m_.Origin(request_id=6, client_id=U32, name="alice"),
+    m_.Post(request_id=U64 >> 1, vm_id=U32, offset=7, data=0xFF, kind=AccessKind.PORT,
+            size=1, device_id="uart0"),
+    m_.Shadow(vm_id=2, client_id=3, applied=U32, window=0xFFFF, posted=1 << 63,
+              shadowed=0xFF << 56, values=U64, device_id="uart0"),
 ]
 
 # The v1 layouts written out independently of the table in messages.py (from
@@ -116,6 +120,15 @@ def expected_payload(m) -> bytes:
     if isinstance(m, m_.Origin):
         return (le(m.request_id, 8) + le(m.client_id, 4) + le(len(m.name), 1)
                 + m.name.encode())
+    if isinstance(m, m_.Post):  # IO_REQUEST's layout
+        return (le(m.request_id, 8) + le(m.vm_id, 4) + le(m.client_id, 4) + le(m.offset, 8)
+                + le(m.data, 8) + le(m.kind, 1) + le(m.size, 1) + le(1, 1)
+                + le(m.hops, 1) + le(len(m.server_id), 1) + le(len(m.device_id), 1)
+                + m.server_id.encode() + m.device_id.encode())
+    if isinstance(m, m_.Shadow):
+        return (le(m.vm_id, 4) + le(m.client_id, 4) + le(m.applied, 4) + le(m.window, 2)
+                + le(m.posted, 8) + le(m.shadowed, 8) + le(m.values, 8)
+                + le(len(m.device_id), 1) + m.device_id.encode())
     raise AssertionError(m)
 
 
@@ -148,7 +161,8 @@ def test_fixed_part_sizes_match_the_documented_layouts():
         MsgType.HELLO: 14, MsgType.WELCOME: 17, MsgType.IO_REQUEST: 38,
         MsgType.FEEDBACK: 28, MsgType.INTERRUPT: 12, MsgType.ERROR: 12,
         MsgType.PING: 8, MsgType.PONG: 8, MsgType.ATTACH: 18, MsgType.DETACH: 16,
-        MsgType.EVENT: 10, MsgType.RESUME: 16, MsgType.ORIGIN: 13,
+        MsgType.EVENT: 10, MsgType.RESUME: 16, MsgType.ORIGIN: 13, MsgType.POST: 38,
+        MsgType.SHADOW: 39,
     }
 
 
@@ -222,7 +236,7 @@ def test_string_lengths_that_do_not_consume_the_payload_are_named():
     assert "device_id 6" in e.text and "server_id 4" in e.text
 
 
-@pytest.mark.parametrize("t", [0, 14, 99, 255])
+@pytest.mark.parametrize("t", [0, 16, 99, 255])
 def test_unknown_type(t):
     e = raises_remote(ErrorCode.UNKNOWN_TYPE, t, b"")
     assert str(t) in e.text

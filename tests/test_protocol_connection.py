@@ -321,7 +321,7 @@ def test_bad_flags():
     assert "flags" in expect_remote(s, ErrorCode.MALFORMED).text
 
 
-@pytest.mark.parametrize("t", [0, 14, 200])
+@pytest.mark.parametrize("t", [0, 16, 200])
 def test_unknown_type(t):
     c, s = handshake()
     s.receive_data(frame(t, b"abc"))

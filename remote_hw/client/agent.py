@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from remote_hw.client.key_mirror import KeyMirror, VirtualKeyboard, uinput_keyboard
 from remote_hw.client.vmm.bus import Bus
+from remote_hw.client.vmm.coalesced import CoalescingUnsupported
 from remote_hw.client.vmm.vm import Vm
 from remote_hw.config import MapSpec, VmConfig
 from remote_hw.input.uinput import UinputUnavailable
@@ -34,6 +35,7 @@ _ALL_ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
 # Plain ints on the hot path: an enum member lookup costs ~70 ns per access.
 _READ, _WRITE = int(Direction.READ), int(Direction.WRITE)
 _KIND = {"port": AccessKind.PORT, "mmio": AccessKind.MMIO}
+_UNREACHABLE = int(Status.UNREACHABLE)
 
 
 
@@ -45,7 +47,7 @@ class RemoteDevice:
     """
 
     __slots__ = ("link", "vm_id", "device", "server_id", "target", "kind", "label",
-                 "failing", "forwarded")
+                 "failing", "forwarded", "shadow", "local_reads", "posted")
 
     def __init__(self, link: ServerLink, vm_id: int, spec: MapSpec, target: str = "") -> None:
         self.link = link
@@ -58,26 +60,49 @@ class RemoteDevice:
         self.kind = _KIND[spec.kind]
         self.label = f"vm {vm_id}: {spec.server}/{spec.device}"
         self.failing = False
-        self.forwarded = 0
+        self.forwarded = 0  # accesses sent to the server (posted writes included)
+        # What the server lets this device answer or post without waiting (SHADOW,
+        # remote_hw/net/posting.py); stays empty when posting is not negotiated.
+        self.shadow = link.shadow_for(vm_id, spec.device)
+        self.local_reads = 0  # reads answered from the shadow
+        self.posted = 0  # writes sent without waiting
 
     def read(self, offset: int, size: int) -> int:
+        sh = self.shadow
+        if size == 1:
+            value = sh.reads.get(offset)
+            if value is not None:  # the model promised this register holds still
+                self.local_reads += 1
+                return value
         self.forwarded += 1
         status, value = self.link.io(self.vm_id, self.device, self.kind, offset, size,
                                      _READ, 0, self.target)
         if status:
             self._failed(status)
             return _ALL_ONES[size]
+        if sh.sent != sh.confirmed:  # answered in order: every earlier POST is applied
+            sh.confirm(sh.sent)
         if self.failing:
             self._recovered()
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
+        sh = self.shadow
+        if sh.posted and sh.may_post(offset, size):
+            self.forwarded += 1
+            self.posted += 1
+            if self.link.post(sh, self.kind, offset, size, value, self.target):
+                self._failed(_UNREACHABLE)
+            return
         self.forwarded += 1
         status, _ = self.link.io(self.vm_id, self.device, self.kind, offset, size,
                                  _WRITE, value, self.target)
         if status:
             self._failed(status)
-        elif self.failing:
+            return
+        if sh.sent != sh.confirmed:
+            sh.confirm(sh.sent)
+        if self.failing:
             self._recovered()
 
     def _failed(self, status: int) -> None:
@@ -112,6 +137,7 @@ class Agent:
     def __init__(self, servers: dict[str, tuple[str, int]], *, timeout: float = 5.0,
                  client_name: str = "agent", vias: dict[str, str] | None = None,
                  tls: TlsConfig | None = None, probes: bool = False,
+                 posting: bool = True, coalescing: bool = True,
                  link_factory: Callable[..., ServerLink] = ServerLink,
                  open_keyboard: Callable[[str], VirtualKeyboard] = uinput_keyboard) -> None:
         # server name -> entry server name, for servers reached through another one
@@ -127,9 +153,12 @@ class Agent:
             # devices attached anew (remote_hw/net/recovery.py)
             name: link_factory(name, addr, client_name=client_name, timeout=timeout,
                                on_interrupt=self._interrupt_cb(name),
-                               on_event=self._event_cb(name), tls=tls, reconnect=True)
+                               on_event=self._event_cb(name), tls=tls, reconnect=True,
+                               posting=posting)
             for name, addr in servers.items()}
         self.vms: dict[int, VmHandle] = {}
+        # Posted writes need no exit at all where KVM coalesces them (coalesce()).
+        self.coalescing = coalescing
         self._done = threading.Condition()
         self.probes = None
         if probes:  # eBPF probes (docs/ebpf.md): optional, an inert session says why not
@@ -206,6 +235,40 @@ class Agent:
                 if status != Status.OK:
                     raise LinkError(f"vm {handle.config.vm_id}: server {dev.server_id} "
                                     f"refused device {dev.device!r}: {Status(status).name}")
+            if self.coalescing:
+                self.coalesce(handle)
+
+    def coalesce(self, handle: VmHandle) -> int:
+        """Let KVM queue the VM's posted writes in its coalesced ring: the registers the
+        server said may be posted (SHADOW) take no exit; the vCPU hands them over at
+        its next exit, all of one drain in one send. Safe whatever the shadow says
+        later: a drained write that may not be posted any more is sent and waited for.
+        Returns how many registers; 0 where KVM cannot (its reason is logged)."""
+        vm, n = handle.vm, 0
+        links: set[ServerLink] = set()
+        for dev, spec in zip(handle.devices, handle.config.maps, strict=True):
+            kind = "port" if dev.kind == AccessKind.PORT else "mmio"
+            posted = dev.shadow.posted
+            if not posted:
+                continue
+            try:
+                if not vm.coalescing_supported(kind):
+                    log.info("vm %d: KVM does not coalesce %s writes here; posted writes "
+                             "still take an exit each", handle.config.vm_id, kind)
+                    continue
+                for off in range(spec.end - spec.start + 1):
+                    if posted >> off & 1:
+                        start = spec.start + off
+                        (vm.coalesce_ports if kind == "port" else vm.coalesce_mmio)(start, 1)
+                        n += 1
+            except (OSError, ValueError, CoalescingUnsupported) as e:
+                log.warning("vm %d: no coalescing for %s: %s", handle.config.vm_id,
+                            dev.label, e)
+                continue
+            links.add(dev.link)
+        for link in links:  # one send per drain
+            vm.bus.on_drain(link.uncork, before=link.cork)
+        return n
 
     # -- interrupts and events ------------------------------------------------------
 
@@ -284,9 +347,11 @@ class Agent:
             link.close()
         self.key_mirror.close()  # after the links: no key event arrives any more
         for handle in self.vms.values():
-            log.info("vm %d: %d accesses forwarded, %d interrupt changes delivered",
-                     handle.config.vm_id, sum(d.forwarded for d in handle.devices),
-                     handle.interrupts)
+            devs = handle.devices
+            log.info("vm %d: %d accesses forwarded, %d interrupt changes delivered; "
+                     "%d writes posted, %d reads answered from shadows",
+                     handle.config.vm_id, sum(d.forwarded for d in devs), handle.interrupts,
+                     sum(d.posted for d in devs), sum(d.local_reads for d in devs))
             handle.vm.close()
         if self.probes is not None:
             for line in self.probes.vm_lines() + self.probes.report_lines():

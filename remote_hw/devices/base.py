@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 
 class IrqLine(Protocol):
@@ -49,6 +49,26 @@ EVENT_RESET_REQUEST = "reset-request"
 EventSink = Callable[[str], None]
 
 
+class RegisterShadow(NamedTuple):
+    """What a client may do for a while without asking the model (docs/protocol.md,
+    "Posted writes and shadows").
+
+    ``posted``: offsets whose one-byte writes the client may *post*: send without
+    waiting, applied later in order with every other access. ``reads``: (offset, value)
+    pairs of one-byte registers the client may answer itself, in increasing offset
+    order (at most eight, offsets below 64).
+
+    The model promises, for as long as this shadow is its current one: a write at a
+    posted offset changes neither the shadow nor anything a shadowed read returns,
+    and reading a shadowed register has no side effect. The server publishes a new
+    shadow whenever :meth:`Device.shadow` returns a different one (after an access,
+    or after a backend fed the model), before the answer or interrupt that follows.
+    """
+
+    posted: frozenset[int] = frozenset()
+    reads: tuple[tuple[int, int], ...] = ()
+
+
 class Device(ABC):
     """A register-level device model.
 
@@ -81,6 +101,11 @@ class Device(ABC):
 
     def reset(self) -> None:
         """Return to power-on state (used when the client VM resets)."""
+
+    def shadow(self) -> RegisterShadow | None:
+        """The shadow a client may use now (see :class:`RegisterShadow`); None (the
+        default): every access goes to the model and waits for its answer."""
+        return None
 
     def status(self) -> dict[str, Any]:
         """Registers and counters as plain values, for people and the FUSE view."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .base import ByteRegisters, StreamDevice
+from .base import ByteRegisters, RegisterShadow, StreamDevice
 
 # IER bits
 IER_RDI = 0x01    # received data available
@@ -89,6 +89,10 @@ DEFAULT_BACKLOG = 64 * 1024
 # with the PC's 1.8432 MHz crystal, the BIOS's usual choice.
 DEFAULT_DIVISOR = 12
 BAUD_BASE = 115200
+
+# Offsets whose writes may be posted (see Uart16550.shadow).
+_POSTED = frozenset((0, 7))
+_POSTED_DLAB = frozenset((0, 1, 7))
 
 # FCR bits 7:6 -> RX trigger level in bytes.
 _TRIGGER_LEVELS = (1, 4, 8, 14)
@@ -255,6 +259,33 @@ class Uart16550(ByteRegisters, StreamDevice):
             "loopback_bytes": self.loopback_bytes,
             "interrupts": self.interrupts,
         }
+
+    # -- shadow (posted writes, registers the client answers) ---------------------------
+
+    def shadow(self) -> RegisterShadow:
+        """THR/DLL, DLM (with DLAB) and SCR writes may be posted: no value comes back,
+        and none of them changes a register shadowed here (THR only leaves the chip
+        outside loopback). IER, LCR and MCR change only by the guest's own (synchronous)
+        writes; LSR and MSR are shadowed while reading them has no side effect and
+        nothing received is waiting: the console's polling loop then stays local."""
+        dlab = self.lcr & LCR_DLAB
+        posted = _POSTED_DLAB if dlab else _POSTED
+        if self.mcr & MCR_LOOP:
+            # THR writes loop into the receiver: LSR and MSR are not stable then.
+            reads: tuple[tuple[int, int], ...] = (
+                ((3, self.lcr), (4, self.mcr)) if dlab else
+                ((1, self.ier), (3, self.lcr), (4, self.mcr)))
+            return RegisterShadow(posted, reads)
+        quiet = not self._fifo and not self._overrun
+        if dlab:
+            reads = ((3, self.lcr), (4, self.mcr))
+        else:
+            reads = ((1, self.ier), (3, self.lcr), (4, self.mcr))
+        if quiet:
+            reads += ((5, LSR_THRE | LSR_TEMT),)
+        if not self._msr_delta:
+            reads += ((6, self._lines),)
+        return RegisterShadow(posted, reads)
 
     # -- interrupts --------------------------------------------------------------------
 

@@ -35,6 +35,7 @@
 #define MAGIC1 'H'
 #define T_IO_REQUEST 3
 #define T_FEEDBACK 4
+#define T_POST 14
 
 /* IO_REQUEST payload, "<QIIQQBBBBBB" then server id and device id bytes. */
 #define IO_FIXED 38
@@ -71,6 +72,7 @@ static PyObject *s_acquire = NULL, *s_release = NULL;
 static uint64_t status_ok = 0;         /* bit n: status n is valid */
 static uint32_t kind_ok = 0, dir_ok = 0;
 static PyObject *empty_str = NULL;
+static PyObject *one = NULL;           /* the int 1: a POST's direction (WRITE) */
 /* protocol.IoRequestFields, a NamedTuple: recv_io returns instances of it, so callers
  * read f.device_id rather than f[10].  A NamedTuple is a tuple subclass with no
  * per-instance dict (__slots__ = ()), so its tp_alloc gives a tuple of the right type
@@ -227,42 +229,33 @@ PyDoc_STRVAR(request_doc,
 "yet known to the codec or a value is out of range: the caller then takes the\n"
 "codec's path.");
 
-static PyObject *request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    int fd;
-    if (nargs != 13)
-        return PyErr_Format(PyExc_TypeError, "request() takes 13 arguments (%zd given)", nargs);
-    if (id_bytes == NULL) return PyErr_Format(PyExc_RuntimeError, "not configured");
-    if (!parse_fd(args[0], &fd)) return NULL;
-    PyObject *wlock = args[1];
-    /* Plain ints in range, else the codec's path (which names what is wrong). */
+/* Encode an IO_REQUEST or a POST (the same layout) from the Python arguments
+ * args[0..10] = request_id, vm_id, client_id, offset, data, kind, size, direction,
+ * hops, server_id, device_id into f (HDR + IO_FIXED + 2 * 255 bytes).  Returns the
+ * frame's length, 0 when the codec's path must take it (an unknown id, a value out
+ * of range), -1 with a Python error set. */
+static Py_ssize_t encode_io(unsigned char *f, unsigned char type, PyObject *const *args) {
     uint64_t v[9];
     static const uint64_t max[9] = {UINT64_MAX, UINT32_MAX, UINT32_MAX, UINT64_MAX,
                                     UINT64_MAX, 255, 255, 255, 255};
-    if (!take_uints(args + 2, 9, max, v)) Py_RETURN_NOTIMPLEMENTED;
+    if (!take_uints(args, 9, max, v)) return 0;
     uint64_t rid = v[0], data = v[4];
     unsigned kind = (unsigned)v[5], size = (unsigned)v[6], dir = (unsigned)v[7];
     if (kind >= 32 || !(kind_ok >> kind & 1) || dir >= 32 || !(dir_ok >> dir & 1) ||
-        !size_ok(size, 0) || !fits(data, size))
-        Py_RETURN_NOTIMPLEMENTED;
+        !size_ok(size, 0) || !fits(data, size) || (type == T_POST && dir != 1))
+        return 0;
     /* Borrowed references to the cached encodings; unknown ids go the codec's way. */
-    PyObject *sid = PyUnicode_CheckExact(args[11]) ?
-        PyDict_GetItemWithError(opt_id_bytes, args[11]) : NULL;
-    if (sid == NULL || !PyBytes_CheckExact(sid)) {
-        if (PyErr_Occurred()) return NULL;
-        Py_RETURN_NOTIMPLEMENTED;
-    }
-    PyObject *did = PyUnicode_CheckExact(args[12]) ?
-        PyDict_GetItemWithError(id_bytes, args[12]) : NULL;
-    if (did == NULL || !PyBytes_CheckExact(did)) {
-        if (PyErr_Occurred()) return NULL;
-        Py_RETURN_NOTIMPLEMENTED;
-    }
+    PyObject *sid = PyUnicode_CheckExact(args[9]) ?
+        PyDict_GetItemWithError(opt_id_bytes, args[9]) : NULL;
+    if (sid == NULL || !PyBytes_CheckExact(sid)) return PyErr_Occurred() ? -1 : 0;
+    PyObject *did = PyUnicode_CheckExact(args[10]) ?
+        PyDict_GetItemWithError(id_bytes, args[10]) : NULL;
+    if (did == NULL || !PyBytes_CheckExact(did)) return PyErr_Occurred() ? -1 : 0;
     Py_ssize_t ls = PyBytes_GET_SIZE(sid), ld = PyBytes_GET_SIZE(did);
-    if (ls > 255 || ld < 1 || ld > 255) Py_RETURN_NOTIMPLEMENTED;
-    unsigned char f[HDR + IO_FIXED + 255 * 2];
+    if (ls > 255 || ld < 1 || ld > 255) return 0;
     uint32_t len = (uint32_t)(IO_FIXED + ls + ld), vm32 = (uint32_t)v[1],
              cid32 = (uint32_t)v[2];
-    f[0] = MAGIC0; f[1] = MAGIC1; f[2] = T_IO_REQUEST; f[3] = 0;
+    f[0] = MAGIC0; f[1] = MAGIC1; f[2] = type; f[3] = 0;
     memcpy(f + 4, &len, 4);
     unsigned char *p = f + HDR;
     memcpy(p + IO_RID, &rid, 8);
@@ -278,20 +271,65 @@ static PyObject *request(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     p[IO_LD] = (unsigned char)ld;
     memcpy(p + IO_FIXED, PyBytes_AS_STRING(sid), ls);
     memcpy(p + IO_FIXED + ls, PyBytes_AS_STRING(did), ld);
-    /* Other threads write to this socket too (followers' requests, pongs). */
+    return HDR + len;
+}
+
+/* send_all() of one frame holding the Python lock wlock (other threads write to this
+ * socket too: followers' requests, posts, pongs).  0, or -1 with a Python error set. */
+static int send_locked(PyObject *wlock, int fd, const unsigned char *f, Py_ssize_t n) {
     PyObject *r = PyObject_CallMethodNoArgs(wlock, s_acquire);
-    if (r == NULL) return NULL;
+    if (r == NULL) return -1;
     Py_DECREF(r);
-    int sent = send_all(fd, (const char *)f, HDR + len);
+    int sent = send_all(fd, (const char *)f, (size_t)n);
     int err = errno;
     r = PyObject_CallMethodNoArgs(wlock, s_release);
-    if (r == NULL) return NULL;
+    if (r == NULL) return -1;
     Py_DECREF(r);
     if (sent < 0) {
         errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
-    return read_feedback(fd, rid);
+    return 0;
+}
+
+static PyObject *request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int fd;
+    if (nargs != 13)
+        return PyErr_Format(PyExc_TypeError, "request() takes 13 arguments (%zd given)", nargs);
+    if (id_bytes == NULL) return PyErr_Format(PyExc_RuntimeError, "not configured");
+    if (!parse_fd(args[0], &fd)) return NULL;
+    unsigned char f[HDR + IO_FIXED + 255 * 2];
+    Py_ssize_t n = encode_io(f, T_IO_REQUEST, args + 2);
+    if (n < 0) return NULL;
+    if (n == 0) Py_RETURN_NOTIMPLEMENTED;
+    if (send_locked(args[1], fd, f, n) < 0) return NULL;
+    return read_feedback(fd, rd64(f + HDR + IO_RID));
+}
+
+PyDoc_STRVAR(post_doc,
+"post(fd, wlock, request_id, vm_id, client_id, offset, data, kind, size,\n"
+"     hops, server_id, device_id) -> bool\n\n"
+"Client: encode one POST (a write answered only when it fails; arguments in wire\n"
+"order, as codec.encode_post) and send it holding wlock; nothing is read.  False,\n"
+"with nothing sent, when an id is not yet known to the codec or a value is out of\n"
+"range: the caller then takes the codec's path.");
+
+static PyObject *post(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int fd;
+    if (nargs != 12)
+        return PyErr_Format(PyExc_TypeError, "post() takes 12 arguments (%zd given)", nargs);
+    if (id_bytes == NULL) return PyErr_Format(PyExc_RuntimeError, "not configured");
+    if (!parse_fd(args[0], &fd)) return NULL;
+    /* The IO_REQUEST argument order with direction (WRITE) put back in its place. */
+    PyObject *a[11] = {args[2], args[3], args[4], args[5], args[6], args[7], args[8],
+                       one, args[9], args[10], args[11]};
+    unsigned char f[HDR + IO_FIXED + 255 * 2];
+    Py_ssize_t n = encode_io(f, T_POST, a);
+    if (n < 0) return NULL;
+    if (n == 0) Py_RETURN_FALSE;
+    if (send_locked(args[1], fd, f, n) < 0) return NULL;
+    Py_RETURN_TRUE;
 }
 
 /* The cached str for a valid id, or NULL (not an error) when unknown. */
@@ -427,6 +465,7 @@ static PyObject *send_feedback(PyObject *self, PyObject *const *args, Py_ssize_t
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, configure_doc},
     {"request", (PyCFunction)(void (*)(void))request, METH_FASTCALL, request_doc},
+    {"post", (PyCFunction)(void (*)(void))post, METH_FASTCALL, post_doc},
     {"recv_io", recv_io, METH_O, recv_io_doc},
     {"send_feedback", (PyCFunction)(void (*)(void))send_feedback, METH_FASTCALL,
      send_feedback_doc},
@@ -441,6 +480,8 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fastio(void) {
     empty_str = PyUnicode_FromString("");
+    one = PyLong_FromLong(1);
+    if (one == NULL) return NULL;
     s_acquire = PyUnicode_InternFromString("acquire");
     s_release = PyUnicode_InternFromString("release");
     if (empty_str == NULL || s_acquire == NULL || s_release == NULL) return NULL;

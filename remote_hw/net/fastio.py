@@ -8,7 +8,8 @@ does the hot socket calls in C:
 
 * client: ``request(fd, wlock, request_id, ...)`` encodes an IO_REQUEST, sends it
   and reads once; the common answer, one FEEDBACK for that request, comes back as
-  ``(status, value)``;
+  ``(status, value)``; ``post(fd, wlock, ...)`` encodes a POST (a posted write,
+  remote_hw/net/posting.py) and sends it, reading nothing;
 * server: ``recv_io(fd)`` reads once and returns a lone valid IO_REQUEST as the same
   named tuple as ``codec.io_request_fields`` (an ``IoRequestFields``, built by the C
   from the class handed to it here); ``send_feedback(...)`` encodes and sends.
@@ -37,7 +38,7 @@ from typing import Any
 from remote_hw.protocol import FeedbackFields, IoRequestFields, codec
 from remote_hw.protocol.messages import AccessKind, Direction, MsgType, Status
 
-__all__ = ["enabled", "status", "request", "recv_io", "send_feedback"]
+__all__ = ["enabled", "status", "request", "post", "recv_io", "send_feedback"]
 
 _c: types.ModuleType | None
 try:
@@ -52,6 +53,7 @@ _lock = threading.Lock()
 _state: tuple[bool, str] | None = None  # (enabled, why not), after the first check
 
 request: Any = getattr(_c, "request", None)
+post: Any = getattr(_c, "post", None)
 recv_io: Any = getattr(_c, "recv_io", None)
 send_feedback: Any = getattr(_c, "send_feedback", None)
 
@@ -101,6 +103,13 @@ def _self_check(_c: types.ModuleType) -> str:
         if got != fb_frame:
             return f"another request's FEEDBACK was taken as ours ({got!r})"
         b.recv(4096)
+        post_args = (*io_args[:7], *io_args[8:])  # a POST: IO_REQUEST's without direction
+        if not _c.post(a.fileno(), threading.Lock(), *post_args):
+            return "a valid POST was refused"
+        sent = b.recv(4096)
+        want_post = codec.encode_post(*post_args)
+        if sent != want_post:
+            return f"POST encoded as {sent.hex()}, the codec says {want_post.hex()}"
     finally:
         a.close()
         b.close()

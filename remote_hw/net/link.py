@@ -34,6 +34,7 @@ from typing import Any
 
 from remote_hw.net import fastio
 from remote_hw.net.logsafe import safe_text
+from remote_hw.net.posting import POST_ID_BIT, DeviceShadow
 from remote_hw.net.recovery import Recovery, poke
 from remote_hw.net.security import Identity, KeyMaterialError, TlsConfig
 from remote_hw.net.transport import TlsTransport, Transport
@@ -50,6 +51,7 @@ StateCallback = Callable[["ServerLink", bool, str], None]  # link, up, reason
 
 _now = time.monotonic
 _request = fastio.request
+_post = fastio.post
 _UNREACHABLE = int(Status.UNREACHABLE)
 # How long the link must be quiet before the background reader takes over. Short
 # enough that an idle VM gets its interrupts promptly, long enough that a busy vCPU
@@ -89,7 +91,8 @@ class ServerLink:
                  timeout: float = 5.0, on_interrupt: InterruptCallback | None = None,
                  on_event: EventCallback | None = None,
                  on_state: StateCallback | None = None, tls: TlsConfig | None = None,
-                 role: Role = Role.CLIENT, reconnect: bool = False) -> None:
+                 role: Role = Role.CLIENT, reconnect: bool = False,
+                 posting: bool = True) -> None:
         self.name = name
         self.address = address
         self.client_name = client_name
@@ -123,6 +126,14 @@ class ServerLink:
         # reconnect=True: a lost connection is brought back (recovery.py), with its
         # session resumed or its devices attached again.
         self._recovery: Recovery | None = Recovery(self) if reconnect else None
+        # Posted writes and shadows (posting.py): per (VM, device), shared with the
+        # devices that use them; and POST frames held back while the link is corked.
+        # False: do not offer POSTED, so every access waits for its answer (--no-posting).
+        self.posting = posting
+        self._shadows: dict[tuple[int, str], DeviceShadow] = {}
+        self._held: list[bytes] = []
+        self._corks = 0
+        self.post_failures = 0
 
     # -- connection -------------------------------------------------------------
 
@@ -138,6 +149,11 @@ class ServerLink:
     def features(self) -> int:
         """The feature bits negotiated on the current connection (0 before one)."""
         return self._conn.features
+
+    @property
+    def offered_features(self) -> int:
+        """The feature bits this link offers in HELLO."""
+        return m.SUPPORTED_FEATURES if self.posting else m.SUPPORTED_FEATURES & ~m.FEATURE_POSTED
 
     @property
     def recovery(self) -> Recovery | None:
@@ -174,7 +190,7 @@ class ServerLink:
         try:
             t.send(conn.send(m.Hello(major=m.PROTOCOL_MAJOR, minor=m.PROTOCOL_MINOR,
                                      max_payload=m.DEFAULT_MAX_PAYLOAD,
-                                     features=m.SUPPORTED_FEATURES, role=self.role,
+                                     features=self.offered_features, role=self.role,
                                      name=self.client_name)))
             welcome = None
             while welcome is None:
@@ -275,6 +291,7 @@ class ServerLink:
         if t is not None:
             t.shutdown()
             t.close()
+        self._drop_shadows(reason)
         if was_up:
             self.on_state(self, False, reason)
             if not self._closing and self._recovery is not None:
@@ -292,6 +309,8 @@ class ServerLink:
         """
         if not self.up:
             return _UNREACHABLE, 0
+        if self._held:  # this VM's posted writes go first: the server applies in order
+            self._flush_held()
         rid = next(self._ids)
         if self._fast and self._rlock.acquire(blocking=False):
             # Leader at once, plain TCP: the C path encodes, sends, reads once and parses
@@ -342,6 +361,8 @@ class ServerLink:
         ``client_id`` is only for server-to-server links: the client a forwarding
         server speaks for. A client's own requests carry 0.
         """
+        if not client_id:  # a new attachment: its shadow (if any) comes with the answer
+            self.shadow_for(vm_id, device).clear()
         status = self._call_msg(lambda rid: m.Attach(request_id=rid, vm_id=vm_id,
                                                      client_id=client_id,
                                                      server_id=server_id, device_id=device))
@@ -375,6 +396,8 @@ class ServerLink:
         """Send the message ``make(request id)`` and wait for its FEEDBACK."""
         if not self.up:
             return _Slot.failed()
+        if self._held:
+            self._flush_held()
         rid = next(self._ids)
         try:
             frame = self._conn.send(make(rid))
@@ -450,6 +473,8 @@ class ServerLink:
                         other = self._pending.pop(f.request_id, None)
                         if other is not None:
                             other.status, other.value, other.done = f.status, f.data, True
+                        elif f.request_id & POST_ID_BIT:
+                            self._post_failed(f)
                     self._dispatch()
             elif data is not None:
                 self._down("the server closed the connection")
@@ -543,6 +568,8 @@ class ServerLink:
                     if self._waiters:
                         with self._cond:
                             self._cond.notify_all()
+                elif f.request_id & POST_ID_BIT:
+                    self._post_failed(f)
                 continue
             # Any: the identity checks on type(ev) below narrow it, which mypy cannot see
             # (they are cheaper than isinstance on this path).
@@ -552,6 +579,9 @@ class ServerLink:
             cls = type(ev)
             if cls is m.Feedback:
                 slot = pending.pop(ev.request_id, None)
+                if slot is None and ev.request_id & POST_ID_BIT:
+                    self._post_failed(ev)
+                    continue
                 if slot is None:
                     log.debug("server %s: late or unknown feedback %d", self.name,
                               ev.request_id)
@@ -561,6 +591,8 @@ class ServerLink:
                 if self._waiters:
                     with self._cond:
                         self._cond.notify_all()
+            elif cls is m.Shadow:
+                self._on_shadow(ev)
             elif cls is m.Interrupt:
                 self.on_interrupt(ev.vm_id, ev.device_id, ev.line, bool(ev.level),
                                   ev.client_id)
@@ -579,6 +611,143 @@ class ServerLink:
             elif cls is m.Ping:
                 self._send_quiet(m.Pong(nonce=ev.nonce))
             # Pong and anything else a client may receive: nothing to do.
+
+    # -- posted writes and shadows (posting.py) ------------------------------------
+
+    def shadow_for(self, vm_id: int, device: str) -> DeviceShadow:
+        """The shadow of ``device`` for ``vm_id`` on this link (made on first use and
+        kept: a device holds on to it and reads it on every access)."""
+        key = (vm_id, device)
+        sh = self._shadows.get(key)
+        if sh is None:
+            sh = self._shadows[key] = DeviceShadow(vm_id, device,
+                                                   keep=self._recovery is not None)
+        return sh
+
+    def post(self, sh: DeviceShadow, kind: int, offset: int, size: int, data: int,
+             server_id: str = "") -> int:
+        """Send a write without waiting for it (the caller checked ``sh.may_post``);
+        returns a status: OK once it is on its way, UNREACHABLE when the link is down.
+        A failure the server reports later is logged and counted (``post_failures``)."""
+        t = self._t
+        if not self.up or t is None:
+            return _UNREACHABLE
+        rid = next(self._ids) | POST_ID_BIT
+        if self._fast and not self._corks:
+            # C: encode and send in one call (False: a value the codec must judge).
+            try:
+                done = _post(t.fileno(), self._wlock, rid, sh.vm_id, 0, offset, data, kind,
+                             size, 0, server_id, sh.device)
+            except OSError as e:
+                done = True
+                self._down(f"connection lost: {e.strerror or e}")
+            if done:
+                sh.sent += 1
+                if sh.kept is not None:
+                    sh.kept.append((rid, kind, offset, size, data, server_id))
+                return 0 if self.up else _UNREACHABLE
+        try:
+            frame = self._conn.send_post(rid, sh.vm_id, 0, offset, data, kind, size, 0,
+                                         server_id, sh.device)
+        except ProtocolError:
+            return _UNREACHABLE
+        sh.sent += 1
+        if sh.kept is not None:
+            sh.kept.append((rid, kind, offset, size, data, server_id))
+        try:
+            with self._wlock:
+                if self._corks:
+                    self._held.append(frame)
+                else:
+                    t.send(frame)
+        except OSError as e:
+            self._down(f"connection lost: {e.strerror or e}")
+            return _UNREACHABLE
+        return 0
+
+    def cork(self) -> None:
+        """Hold POSTs back until :meth:`uncork`, to send them in one write (a vCPU
+        draining KVM's coalesced ring posts several writes in a row)."""
+        with self._wlock:
+            self._corks += 1
+
+    def uncork(self) -> None:
+        """Send what :meth:`cork` held back, in one write."""
+        with self._wlock:
+            self._corks -= 1
+        if not self._corks and self._held:
+            self._flush_held()
+
+    def _flush_held(self) -> None:
+        t = self._t
+        try:
+            with self._wlock:
+                held, self._held = self._held, []
+                if held and t is not None:
+                    t.send(b"".join(held))
+        except OSError as e:
+            self._down(f"connection lost: {e.strerror or e}")
+
+    def _on_shadow(self, msg: m.Shadow) -> None:
+        if not self.posting:
+            return
+        sh = self.shadow_for(msg.vm_id, msg.device_id)
+        sh.update(msg)
+
+    def _post_failed(self, fb: Any) -> None:
+        """The FEEDBACK of a POST that failed: logged (a few lines, then counted)."""
+        self.post_failures += 1
+        for sh in self._shadows.values():
+            if sh.vm_id == fb.vm_id:
+                sh.failed += 1
+        if self.post_failures <= 5 or self.post_failures % 1000 == 0:
+            name = Status(fb.status).name if fb.status in Status._value2member_map_ \
+                else fb.status
+            log.error("server %s: a posted write of vm %d failed: %s (%d so far)",
+                      self.name, fb.vm_id, name, self.post_failures)
+
+    def _drop_shadows(self, reason: str) -> None:
+        """The connection is gone: nothing is answered locally any more; POSTs not
+        known applied are kept for a resumed session (recovery re-sends them) or
+        reported lost."""
+        self._held = []  # held POSTs were counted as sent: kept or reported below
+        lost = 0
+        for sh in self._shadows.values():
+            sh.reads = {}
+            sh.posted = 0
+            if sh.kept is None:
+                n = sh.sent - sh.confirmed
+                sh.lost += n
+                lost += n
+                sh.sent = sh.confirmed = 0
+        if lost and not self._closing:
+            log.error("server %s: up to %d posted write(s) may not have been applied (%s)",
+                      self.name, lost, reason)
+
+    def resend_posts(self, send: Callable[[bytes], None]) -> int:
+        """After a resumed session: the POSTs not known applied, again, with their ids
+        (the server applies each id once). Returns how many."""
+        n = 0
+        frames = []
+        for sh in self._shadows.values():
+            if sh.kept:
+                for rid, kind, offset, size, data, server_id in sh.kept:
+                    frames.append(self._conn.send_post(rid, sh.vm_id, 0, offset, data, kind,
+                                                       size, 0, server_id, sh.device))
+                    n += 1
+        if frames:
+            send(b"".join(frames))
+        return n
+
+    def forget_posts(self) -> int:
+        """After a connection whose session was not resumed: every device starts again;
+        returns how many POSTs may have been lost."""
+        lost = 0
+        for sh in self._shadows.values():
+            n = sh.clear()
+            sh.lost += n
+            lost += n
+        return lost
 
     def _send_quiet(self, msg: m.Message) -> None:
         t = self._t

@@ -192,6 +192,9 @@ class Recovery:
             resumed = status == Status.OK
         if resumed:
             self.resumed += 1
+            # POSTs not known applied go first, as they were sent first; the server
+            # applies each request id once (posting.py), so re-sending is safe.
+            reposted = self.link.resend_posts(t.send)
             retried = 0
             while True:  # writes recorded while we replay are replayed too, in order
                 with self._lock:
@@ -205,10 +208,13 @@ class Recovery:
                 retried += len(batch)
             self.retried += retried
             return (f"session resumed, devices as the guest left them; {retried} write(s) "
-                    "in flight retried under their request ids"), ex.client_id
+                    "in flight retried under their request ids"
+                    + (f", {reposted} posted write(s) sent again" if reposted else "")
+                    ), ex.client_id
         with self._lock:
             dropped, self._retries = len(self._retries), []
             self._installing = True
+        dropped += self.link.forget_posts()  # their devices are new: nothing to re-send
         self.token = 0
         if conn.features & FEATURE_RESUME:
             status, token = ex.call(m.Resume(request_id=ex.rid(), token=0))
@@ -273,6 +279,8 @@ class _Exchange:
                 if isinstance(ev, m.Feedback):
                     got[ev.request_id] = (int(ev.status), ev.data)
                     self.client_id = ev.client_id
+                elif isinstance(ev, m.Shadow):
+                    link._on_shadow(ev)
                 elif isinstance(ev, m.Interrupt):
                     link.on_interrupt(ev.vm_id, ev.device_id, ev.line, bool(ev.level),
                                       ev.client_id)

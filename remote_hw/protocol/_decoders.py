@@ -94,6 +94,12 @@ def io_request_fields(buf: Any, start: int, end: int) -> IoRequestFields | None:
     return None
 
 
+def post_fields(buf: Any, start: int, end: int) -> IoRequestFields | None:
+    """The fields of a valid POST payload (IO_REQUEST's layout, a write), else None."""
+    f = io_request_fields(buf, start, end)
+    return f if f is not None and f.direction == 1 else None
+
+
 def _decode_io_request(buf: Any, start: int, end: int) -> Message:
     f = io_request_fields(buf, start, end)
     if f is not None:

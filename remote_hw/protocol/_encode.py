@@ -28,6 +28,7 @@ from .messages import (
     IoRequest,
     Message,
     MsgType,
+    Post,
     Status,
 )
 
@@ -151,6 +152,47 @@ def encode_io_request(
             request_id=request_id, vm_id=vm_id, client_id=client_id, offset=offset,
             # Plain ints are allowed here: the generic encoder validates them by rule.
             data=data, kind=kind, size=size, direction=direction,  # type: ignore[arg-type]
+            hops=hops, server_id=server_id, device_id=device_id,
+        )
+    )
+
+
+_POST_T = int(MsgType.POST)
+
+
+def encode_post(
+    request_id: int,
+    vm_id: int,
+    client_id: int,
+    offset: int,
+    data: int,
+    kind: AccessKind | int,
+    size: int,
+    hops: int,
+    server_id: str,
+    device_id: str,
+) -> bytes:
+    """Encode a POST frame (IO_REQUEST's layout, direction WRITE) from plain values."""
+    try:
+        s = _OPT_ID_BYTES[server_id]
+        d = _ID_BYTES[device_id]
+        if size in _IO_SIZES and kind in _KIND_OK and data >= 0 and not data >> (size << 3):
+            ls = len(s)
+            ld = len(d)
+            return (
+                _IO_FRAME.pack(
+                    MAGIC_U16, _POST_T, 0, _IO_SIZE + ls + ld, request_id, vm_id,
+                    client_id, offset, data, kind, size, 1, hops, ls, ld,
+                )
+                + s
+                + d
+            )
+    except (KeyError, TypeError, struct.error):
+        pass
+    return _encode_generic(
+        Post(
+            request_id=request_id, vm_id=vm_id, client_id=client_id, offset=offset,
+            data=data, kind=kind, size=size,  # type: ignore[arg-type]
             hops=hops, server_id=server_id, device_id=device_id,
         )
     )

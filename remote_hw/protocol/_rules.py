@@ -25,6 +25,7 @@ from .messages import (
     MAX_ID_LENGTH,
     PRE_HANDSHAKE_MAX_PAYLOAD,
     PROTOCOL_MAJOR,
+    SHADOW_MAX_READS,
     AccessKind,
     Direction,
     ErrorCode,
@@ -220,6 +221,17 @@ _RULES: dict[str, _RulePair] = {
 _RULE_OVERRIDES: dict[tuple[MsgType, str], _RulePair] = {
     # ATTACH/DETACH replies carry no value: size 0 (and data 0).
     (MsgType.FEEDBACK, "size"): _choice_rule((0, 1, 2, 4, 8)),
+    # Only writes are posted: a read always needs its answer.
+    (MsgType.POST, "direction"): _enum_rule(Direction, (Direction.WRITE,)),
 }
+
+def _shadowed_rule(value: Any) -> Any:
+    # The shadowed registers' bytes share one u64, so at most eight can be described.
+    if isinstance(value, int) and bin(value).count("1") > SHADOW_MAX_READS:
+        raise _Bad(_MALFORMED, f"{value:#x} names more than {SHADOW_MAX_READS} registers")
+    return value
+
+
+_RULES["shadowed"] = (_shadowed_rule, _shadowed_rule)
 
 _INT_LIMITS = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFF_FFFF, "Q": 0xFFFF_FFFF_FFFF_FFFF}

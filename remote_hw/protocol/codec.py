@@ -35,9 +35,10 @@ from ._decoders import (
     decode_payload,
     feedback_fields,
     io_request_fields,
+    post_fields,
 )
 from ._encode import _encode_generic as _encode_generic
-from ._encode import encode, encode_feedback, encode_io_request
+from ._encode import encode, encode_feedback, encode_io_request, encode_post
 from ._fields import FeedbackFields, IoRequestFields
 from ._plans import _PLAN_BY_CLASS as _PLAN_BY_CLASS
 from ._plans import _PLANS as _PLANS
@@ -49,9 +50,11 @@ __all__ = [
     "decode_payload",
     "encode_io_request",
     "encode_feedback",
+    "encode_post",
     "decode_feedback",
     "feedback_fields",
     "io_request_fields",
+    "post_fields",
     "FeedbackFields",
     "IoRequestFields",
     "DECODERS",

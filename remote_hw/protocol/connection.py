@@ -38,13 +38,16 @@ from .codec import (
     encode,
     encode_feedback,
     encode_io_request,
+    encode_post,
     feedback_fields,
     io_request_fields,
+    post_fields,
 )
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .messages import (
     FEATURE_EVENTS,
     FEATURE_ORIGIN,
+    FEATURE_POSTED,
     FEATURE_RESUME,
     HEADER,
     HEADER_SIZE,
@@ -114,10 +117,11 @@ _OTHER = {_CLIENT: _SERVER, _SERVER: _CLIENT}
 _SENDS: dict[str, frozenset[int]] = {
     _CLIENT: frozenset(
         {_T.HELLO, _T.IO_REQUEST, _T.ATTACH, _T.DETACH, _T.ERROR, _T.PING, _T.PONG,
-         _T.RESUME, _T.ORIGIN}
+         _T.RESUME, _T.ORIGIN, _T.POST}
     ),
     _SERVER: frozenset(
-        {_T.WELCOME, _T.FEEDBACK, _T.INTERRUPT, _T.EVENT, _T.ERROR, _T.PING, _T.PONG}
+        {_T.WELCOME, _T.FEEDBACK, _T.INTERRUPT, _T.EVENT, _T.ERROR, _T.PING, _T.PONG,
+         _T.SHADOW}
     ),
 }
 
@@ -140,11 +144,13 @@ _ALLOWED: dict[tuple[str, State], tuple[frozenset[int], frozenset[int]]] = {
 _NOTHING: frozenset[int] = frozenset()
 #: message types that need a negotiated feature bit
 _NEEDS_FEATURE: dict[int, int] = {_T.EVENT: FEATURE_EVENTS, _T.RESUME: FEATURE_RESUME,
-                                   _T.ORIGIN: FEATURE_ORIGIN}
+                                   _T.ORIGIN: FEATURE_ORIGIN, _T.POST: FEATURE_POSTED,
+                                   _T.SHADOW: FEATURE_POSTED}
 
 _HANDSHAKE = frozenset({_T.HELLO, _T.WELCOME})
 _IO_REQUEST = int(_T.IO_REQUEST)
 _FEEDBACK = int(_T.FEEDBACK)
+_POST = int(_T.POST)
 _F = TypeVar("_F", FeedbackFields, IoRequestFields)  # what a field reader returns
 _ERROR_FIXED = MESSAGES[_T.ERROR].fixed.size
 #: Compact the receive buffer once this many consumed bytes sit at its front.  The
@@ -293,6 +299,25 @@ class Connection:
             server_id, device_id,
         )
 
+    def send_post(
+        self,
+        request_id: int,
+        vm_id: int,
+        client_id: int,
+        offset: int,
+        data: int,
+        kind: AccessKind | int,
+        size: int,
+        hops: int,
+        server_id: str,
+        device_id: str,
+    ) -> bytes:
+        """Fast ``send(Post(...))`` from plain values (needs FEATURE_POSTED)."""
+        if _POST not in self._send_ok:
+            raise LocalProtocolError(ErrorCode.UNEXPECTED, self._why_not(_T.POST, sending=True))
+        return encode_post(request_id, vm_id, client_id, offset, data, kind, size, hops,
+                           server_id, device_id)
+
     def send_feedback(
         self,
         request_id: int,
@@ -414,6 +439,10 @@ class Connection:
     def next_io_request(self) -> IoRequestFields | None:
         """The next frame's fields if it is an IO_REQUEST (see io_request_fields)."""
         return self._next_fields(_IO_REQUEST, io_request_fields)
+
+    def next_post(self) -> IoRequestFields | None:
+        """The next frame's fields if it is a POST (``direction`` is always WRITE)."""
+        return self._next_fields(_POST, post_fields)
 
     def next_feedback(self) -> FeedbackFields | None:
         """The next frame's fields if it is a FEEDBACK (see feedback_fields)."""

@@ -55,8 +55,16 @@ FEATURE_DMA = 1 << 1  #: reserved for device DMA into guest memory (not in v1.0)
 FEATURE_RESUME = 1 << 2
 #: a peer server may send ORIGIN: the authenticated name of a client it speaks for
 FEATURE_ORIGIN = 1 << 3
+#: the client may send POST (a write answered only when it fails) and the server may
+#: send SHADOW (registers the client may answer itself, and posting credits)
+FEATURE_POSTED = 1 << 4
 #: Features this implementation knows how to use.
-SUPPORTED_FEATURES = FEATURE_EVENTS | FEATURE_RESUME | FEATURE_ORIGIN
+SUPPORTED_FEATURES = FEATURE_EVENTS | FEATURE_RESUME | FEATURE_ORIGIN | FEATURE_POSTED
+
+#: SHADOW: offsets a shadow can describe (bit i of its masks is offset i).
+SHADOW_OFFSETS = 64
+#: SHADOW: at most this many shadowed registers (their bytes fill one u64).
+SHADOW_MAX_READS = 8
 
 
 # ------------------------------------------------------------------------------- enums
@@ -78,6 +86,8 @@ class MsgType(enum.IntEnum):
     EVENT = 11
     RESUME = 12
     ORIGIN = 13
+    POST = 14
+    SHADOW = 15
 
 
 class Status(enum.IntEnum):
@@ -332,6 +342,52 @@ class Origin(Message):
     name: str
 
 
+@_message
+class Post(Message):
+    """A posted write (needs FEATURE_POSTED): IO_REQUEST's layout, ``direction`` always
+    WRITE, applied in order with everything else of the connection and answered only
+    when it fails (a FEEDBACK with its request id and a non-OK status). Success is
+    acknowledged in bulk by SHADOW's ``applied`` count."""
+
+    MSG_TYPE: ClassVar[MsgType] = MsgType.POST
+    request_id: int
+    vm_id: int
+    client_id: int = 0
+    offset: int
+    data: int = 0
+    kind: AccessKind
+    size: int
+    direction: Direction = Direction.WRITE
+    hops: int = 0
+    server_id: str = ""
+    device_id: str
+
+
+@_message
+class Shadow(Message):
+    """What a client may do without asking, for one VM's device (needs FEATURE_POSTED).
+
+    Sent by the server before the FEEDBACK of the access that changed it, before the
+    INTERRUPT an outside event raised with it, and when posted writes were applied.
+    Valid until the next SHADOW of that VM and device: a write at a ``posted`` offset
+    changes nothing a ``shadowed`` read returns (the model guarantees it)."""
+
+    MSG_TYPE: ClassVar[MsgType] = MsgType.SHADOW
+    vm_id: int
+    client_id: int = 0
+    #: POSTs of this VM to this device applied so far (mod 2**32)
+    applied: int = 0
+    #: how many POSTs may be unacknowledged at once; 0: do not post
+    window: int = 0
+    #: bit i: a one-byte write at offset i may be posted
+    posted: int = 0
+    #: bit i: a one-byte read at offset i is answered from ``values``
+    shadowed: int = 0
+    #: the shadowed registers' bytes, lowest offset in the lowest byte
+    values: int = 0
+    device_id: str
+
+
 # ------------------------------------------------------------------------------- table
 
 
@@ -363,6 +419,8 @@ MESSAGES: dict[MsgType, MessageSpec] = {
     MsgType.EVENT: MessageSpec(Event, struct.Struct("<IIBB"), ("device_id", "name")),
     MsgType.RESUME: MessageSpec(Resume, struct.Struct("<QQ"), ()),
     MsgType.ORIGIN: MessageSpec(Origin, struct.Struct("<QIB"), ("name",)),
+    MsgType.POST: MessageSpec(Post, struct.Struct("<QIIQQBBBBBB"), ("server_id", "device_id")),
+    MsgType.SHADOW: MessageSpec(Shadow, struct.Struct("<IIIHQQQB"), ("device_id",)),
 }
 
 #: class -> message type (the inverse of the table, for encoding)

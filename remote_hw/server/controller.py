@@ -21,7 +21,7 @@ from typing import Any, Protocol, cast
 from remote_hw.backends.base import Backend, BackendError, KeyBackend, StreamBackend
 from remote_hw.backends.registry import backend_class, check_backend, open_backend
 from remote_hw.config import DeviceSpec
-from remote_hw.devices.base import Device, StreamDevice
+from remote_hw.devices.base import Device, RegisterShadow, StreamDevice
 from remote_hw.devices.capabilities import ByteStream
 from remote_hw.devices.registry import create_device, device_class
 from remote_hw.input.keys import KeySink
@@ -48,6 +48,14 @@ class SessionSink(Protocol):
     def event(self, vm_id: int, device: str, name: str) -> None: ...
 
 
+class ShadowSink(Protocol):
+    """A session that takes shadows (it negotiated POSTED): see :meth:`Instance.refresh_shadow`."""
+
+    def wants_shadow(self) -> bool: ...
+
+    def shadow(self, vm_id: int, device: str, shadow: RegisterShadow | None) -> None: ...
+
+
 class _InstanceIrq:
     """The interrupt line handed to a model: fans level changes out to attached VMs."""
 
@@ -64,6 +72,10 @@ class _InstanceIrq:
             return  # models may repeat a level; only changes travel
         self.level = level
         self.instance.irq_changes += 1
+        if self.instance.shadow_sinks:
+            # The shadow first: a guest's handler that reads a shadowed register (LSR)
+            # must find it as the model has it when the interrupt arrives.
+            self.instance.refresh_shadow()
         for (_client_id, vm_id), sink in list(self.instance.sessions.items()):
             sink.interrupt(vm_id, self.instance.spec.id, self.line, level)
 
@@ -89,6 +101,10 @@ class Instance:
     reads: int = 0
     writes: int = 0
     irq_changes: int = 0
+    #: the sessions that take this instance's shadow (they negotiated POSTED), and the
+    #: shadow they were last given; empty for a model without one (Device.shadow)
+    shadow_sinks: dict[SessionKey, ShadowSink] = field(default_factory=dict)
+    shadow: RegisterShadow | None = None
     # Where the guest's output goes (stream devices): observers, then the backend.
     _output: tuple[OutputListener, ...] = field(default=(), init=False, repr=False)
     _to_backend: OutputListener | None = field(default=None, init=False, repr=False)
@@ -102,6 +118,19 @@ class Instance:
         with self.lock:
             assert isinstance(self.model, ByteStream)
             self.model.feed(data)
+            if self.shadow_sinks:
+                self.refresh_shadow()
+
+    def refresh_shadow(self) -> None:
+        """Publish the model's shadow if it changed (called with the lock held, after
+        every access and outside event, so the new shadow travels before the answer
+        or interrupt that follows it on each session's ordered queue)."""
+        sh = self.model.shadow()
+        if sh != self.shadow:
+            self.shadow = sh
+            device = self.spec.id
+            for (_client_id, vm_id), sink in list(self.shadow_sinks.items()):
+                sink.shadow(vm_id, device, sh)
 
     def from_guest(self, data: bytes) -> None:
         """A stream model's ``tx_sink``: what the guest transmits is published to every
@@ -132,6 +161,8 @@ class Instance:
         instance is their KeySink, as ``to_guest`` is a stream backend's sink."""
         with self.lock:
             cast(KeySink, self.model).key(code, pressed)
+            if self.shadow_sinks:
+                self.refresh_shadow()
 
     def _event(self, name: str) -> None:
         for (_client_id, vm_id), sink in list(self.sessions.items()):
@@ -197,6 +228,15 @@ def _start_backend(spec: DeviceSpec, inst: Instance, index: int) -> Backend:
         backend.close()
         raise
     return backend
+
+
+def _takes_shadow(sink: object, model: Device) -> bool:
+    """Whether ``sink`` gets ``model``'s shadows: the model has one, and the session
+    negotiated POSTED (sinks of other kinds, such as a peer's clients, never do)."""
+    if type(model).shadow is Device.shadow:
+        return False
+    wants = getattr(sink, "wants_shadow", None)
+    return bool(wants is not None and wants())
 
 
 AccessHook = Callable[[int, int, str, int, int, int, int, int], None]
@@ -307,6 +347,11 @@ class Controller:
             with inst.lock:
                 inst.sessions[(client_id, vm_id)] = sink
                 high = [irq.line for irq in inst.lines if irq.level]
+                if _takes_shadow(sink, inst.model):
+                    shadow_sink = cast(ShadowSink, sink)
+                    inst.shadow_sinks[(client_id, vm_id)] = shadow_sink
+                    inst.shadow = inst.model.shadow()
+                    shadow_sink.shadow(vm_id, device, inst.shadow)  # before the attach's answer
             self._attached[key] = inst
             self._held[client_id] = held + 1
         log.info("client %d vm %d attached %s", client_id, vm_id, inst.label())
@@ -329,6 +374,7 @@ class Controller:
                     self._held.pop(key[0], None)
                 with inst.lock:
                     inst.sessions.pop((key[0], key[1]), None)
+                    inst.shadow_sinks.pop((key[0], key[1]), None)
                     empty = not inst.sessions
                 if empty:
                     self._per_device[inst.spec.id].remove(inst)
@@ -363,6 +409,8 @@ class Controller:
                 else:
                     inst.reads += 1
                     value = model.read(offset, size)
+                if inst.shadow_sinks:
+                    inst.refresh_shadow()
         except Exception:  # a model bug must not take the connection down
             log.exception("device %s failed on %s at offset %#x", device,
                           "write" if direction == _WRITE else "read", offset)
@@ -372,6 +420,17 @@ class Controller:
             hook(client_id, vm_id, device, inst.index, offset, size, direction,
                  data if direction == _WRITE else value)
         return _OK, value
+
+    def republish(self, client_id: int, vm_id: int, device: str) -> None:
+        """Send (client, VM) its current shadow again: how a session returns posting
+        credits (SHADOW's ``applied``) in order with the shadows other threads send."""
+        inst = self._attached.get((client_id, vm_id, device))
+        if inst is None:
+            return
+        with inst.lock:
+            sink = inst.shadow_sinks.get((client_id, vm_id))
+            if sink is not None:
+                sink.shadow(vm_id, device, inst.shadow)
 
     # -- introspection ----------------------------------------------------------
 
@@ -384,6 +443,11 @@ class Controller:
                     if k[0] == client_id]
         return [(vm, dev, irq.line, irq.level) for vm, dev, inst in held
                 for irq in inst.lines]
+
+    def attached(self, client_id: int) -> list[tuple[int, str]]:
+        """(vm, device) of every attachment of ``client_id``."""
+        with self._lock:
+            return [(k[1], k[2]) for k in self._attached if k[0] == client_id]
 
     def instances(self) -> list[Instance]:
         with self._lock:

@@ -83,7 +83,9 @@ class Forwarder:
                 return None
             link = ServerLink(target, address, client_name=self.server_id,
                               timeout=self.timeout, tls=self.tls, role=Role.PEER,
-                              on_interrupt=self._on_interrupt, on_event=self._on_event)
+                              on_interrupt=self._on_interrupt, on_event=self._on_event,
+                              # Forwarded accesses wait for their answer (posting.py).
+                              posting=False)
             try:
                 link.connect(min(self.timeout, 5.0))
             except LinkError as e:

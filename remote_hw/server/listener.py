@@ -100,6 +100,8 @@ class Server:
         self.watchdog = Watchdog(self.limits, on_tick=self._flush_logs)
         self.server_id = controller.server_id
         self.max_payload = max_payload
+        #: the feature bits offered in WELCOME (an older server's set can be imitated)
+        self.features = m.SUPPORTED_FEATURES
         self.tls = tls
         self.policy = AccessPolicy(tls, acl)
         self.acl = self.policy.acl

@@ -38,12 +38,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("remote_hw.server")
 
+#: How long a resuming connection waits for the old connection of its session to
+#: finish what it had received (seconds).
+RESUME_DRAIN = 2.0
 #: How long a parked session keeps its device instances (seconds).
 DEFAULT_GRACE = 30.0
 #: How many recent writes a session remembers the answers of. A client retries only
 #: what was in flight when its connection broke (one access per vCPU), so this is
 #: ample; it bounds the memory a client can make the server hold.
-WINDOW = 1024
+WINDOW = 4096
 
 Answer = tuple[int, int]  # (status, value)
 
@@ -84,13 +87,25 @@ class WriteWindow:
 
 
 class SinkRelay:
-    """A client's interrupts and events go to whichever connection holds its session
-    now (None while parked: they are dropped, and the levels re-sent on resume)."""
+    """A client's interrupts, events and shadows go to whichever connection holds its
+    session now (None while parked: they are dropped, and the levels re-sent on
+    resume). The count of posted writes applied per (VM, device) lives here too, so
+    that it carries on across a resumed connection as the client's count does."""
 
-    __slots__ = ("target",)
+    __slots__ = ("target", "applied")
 
     def __init__(self, target: Any) -> None:
         self.target = target
+        self.applied: dict[tuple[int, str], int] = {}
+
+    def wants_shadow(self) -> bool:
+        t = self.target
+        return t is not None and t.wants_shadow()
+
+    def shadow(self, vm_id: int, device: str, shadow: Any) -> None:
+        t = self.target
+        if t is not None:
+            t.shadow_out(vm_id, device, shadow, self.applied.get((vm_id, device), 0))
 
     def interrupt(self, vm_id: int, device: str, line: int, level: bool) -> None:
         t = self.target
@@ -269,15 +284,21 @@ def on_resume(session: ClientSession, req: m.Resume) -> None:
             token = res.token
             if previous is not None and previous is not session:
                 previous.t.shutdown()  # its client has moved to this connection
+                # What the old connection still held is applied before anything of
+                # this one: posted writes stay in order (posting.py).
+                previous.finished.wait(RESUME_DRAIN)
             log.info("%s: client %d (%s) resumed its session", session.peer,
                      res.client_id, session.name)
     session.send(m.Feedback(request_id=req.request_id, vm_id=0, client_id=session.client_id,
                             status=status, size=8 if token else 0, data=token))
     if token and req.token == token:
         # Line changes while the session had no connection went nowhere: say them again.
-        for vm, device, line, level in session._router.controller.line_levels(
-                session.client_id):
+        controller = session._router.controller
+        for vm, device, line, level in controller.line_levels(session.client_id):
             session._sink.interrupt(vm, device, line, level)
+        # The client forgot its shadows with the connection: give them again.
+        for vm, device in controller.attached(session.client_id):
+            controller.republish(session.client_id, vm, device)
 
 
 def release(session: ClientSession) -> bool:

@@ -55,6 +55,7 @@ from remote_hw.server.controller import SessionSink
 from remote_hw.server.limits import QuotaExceeded
 from remote_hw.server.origin import acting_name, on_origin
 from remote_hw.server.outbox import Outbox
+from remote_hw.server.posting import counted_access, shadow_message
 from remote_hw.server.resume import Resumable, SinkRelay, WriteWindow, on_resume, release
 
 if TYPE_CHECKING:
@@ -139,6 +140,8 @@ class ClientSession:
         self.origin_names: dict[int, str] = {}
         # The C fast path (remote_hw/net/fastio.py): plain TCP, from the handshake on.
         self._fast = False
+        # Set when this connection's thread has finished (a resume waits for it).
+        self.finished = threading.Event()
 
     # -- SessionSink --------------------------------------------------------------
 
@@ -150,6 +153,76 @@ class ClientSession:
         if self._events_ok(vm_id, device, name):
             self._emit(m.Event(vm_id=vm_id, client_id=self.client_id, device_id=device,
                                name=name))
+
+    # -- shadows and posted writes (posting.py) ------------------------------------------
+
+    def wants_shadow(self) -> bool:
+        """Whether this connection negotiated POSTED (so it may be sent SHADOW)."""
+        return bool(self.conn.features & m.FEATURE_POSTED)
+
+    def shadow_out(self, vm_id: int, device: str, shadow: Any, applied: int) -> None:
+        """Send a SHADOW (called with the device's lock held, like interrupts)."""
+        self._emit(shadow_message(vm_id, self.client_id, device, shadow, applied))
+
+    @property
+    def applied(self) -> dict[tuple[int, str], int]:
+        """POSTs applied per (VM, device), kept by the session's relay across resumes."""
+        return self._sink.applied
+
+    def report_applied(self, vm_id: int, device: str) -> None:
+        """Return posting credits: the device's shadow again, with the applied count."""
+        self.server.controller.republish(self.client_id, vm_id, device)
+
+    def request_owner(self, claimed: int, vm_id: int) -> int | None:
+        """The local client id a request with client id ``claimed`` acts for, or None."""
+        who = (self._who(claimed, vm_id, "a posted write") if claimed
+               else (self.client_id, self._sink))
+        return None if who is None else who[0]
+
+    def apply_write(self, rid: int, client_id: int, vm_id: int, device: str, server_id: str,
+                    kind: int, offset: int, size: int, data: int, hops: int) -> int:
+        """A write that is not one of this session's own counted POSTs: forwarded (and
+        waited for) or applied here for a peer's client; returns the status."""
+        if (server_id and server_id != self._server_id) or device not in self._registry:
+            args = (client_id, vm_id, device, server_id, kind, offset, size, _WRITE, data,
+                    hops)
+            forward = self._router.forward_io
+            if self._window is not None:
+                return self._window.once(rid, forward, *args)[0]
+            return forward(*args)[0]
+        return self._apply(rid, client_id, vm_id, device, offset, size, data, counted=False)
+
+    def _apply(self, rid: int, client_id: int, vm_id: int, device: str, offset: int,
+               size: int, data: int, *, counted: bool) -> int:
+        # Interrupts (and the credit SHADOW) this write raises leave in one write after it.
+        batch: list[bytes] = []
+        self._batch = batch
+        try:
+            if counted:
+                args: tuple[Any, ...] = (counted_access, self, self._access, client_id,
+                                         vm_id, device, offset, size, _WRITE, data)
+                if self._window is not None:
+                    status = self._window.once(rid, *args)[0]
+                else:
+                    status = counted_access(*args[1:])[0]
+            elif self._window is not None:
+                status = self._window.once(rid, self._access, client_id, vm_id, device,
+                                           offset, size, _WRITE, data)[0]
+            else:
+                status = self._access(client_id, vm_id, device, offset, size, _WRITE, data)[0]
+        finally:
+            self._batch = None
+        if batch:
+            self._send_raw(b"".join(batch))
+        return status
+
+    def post_failed(self, rid: int, vm_id: int, device: str, status: int, size: int) -> None:
+        """A POST failed: FEEDBACK with its id tells the client (success is silent)."""
+        if status == _NOT_ATTACHED:
+            self._log_denied(("vm", vm_id, device),
+                             f"client {self.client_id} ({self.name}) posted to vm {vm_id} "
+                             f"device {device}, which it has not attached")
+        self._feedback(rid, vm_id, status, size, 0)
 
     def _events_ok(self, vm_id: int, device: str, name: str) -> bool:
         """Whether EVENT may go to this peer. A client that did not negotiate EVENTS
@@ -256,13 +329,16 @@ class ClientSession:
             log.exception("%s: internal error, closing this connection", self.peer)
         finally:
             self.close()
+            self.finished.set()
 
     def _serve(self) -> None:
         t, conn = self.t, self.conn
         recv = t.recv_raw
         handlers = self._handlers
         next_io = conn.next_io_request
+        next_post = conn.next_post
         io = self._io
+        post = self._post
         recv_io, fileno, io_fields = fastio.recv_io, t.fileno, IoRequestFields
         while True:
             self.rx += 1  # progress, for the watchdog's idle timeout
@@ -282,6 +358,12 @@ class ClientSession:
                 f = next_io()  # the common frame, without building a message object
                 if f is not None:
                     io(f)
+                    if conn.buffered:
+                        continue
+                    break
+                f = next_post()  # the next most common, a posted write (posting.py)
+                if f is not None:
+                    post(f)
                     if conn.buffered:
                         continue
                     break
@@ -319,7 +401,7 @@ class ClientSession:
         self._fast = not self.t.secure and fastio.enabled()  # before the client hears back
         self.send(m.Welcome(major=m.PROTOCOL_MAJOR, minor=m.PROTOCOL_MINOR,
                             max_payload=self.server.max_payload,
-                            features=m.SUPPORTED_FEATURES, client_id=self.client_id,
+                            features=self.server.features, client_id=self.client_id,
                             name=self._server_id))
         self.ready = True
         log.info("%s: %s %d (%s%s) connected", self.peer,
@@ -364,6 +446,20 @@ class ClientSession:
             self._io_other(f)  # a peer's client, a named server, or not held here
         else:  # the common case: this client's own VM and a device held here
             self._local(rid, vm_id, self.client_id, device, offset, size, direction, data)
+
+    def _post(self, f: IoRequestFields) -> None:
+        """Apply one POST given as fields; answer only a failure (posting.py)."""
+        rid, vm_id, claimed, offset, data, kind, size, _, hops, server_id, device = f
+        if claimed or server_id or device not in self._registry:
+            who = self.request_owner(claimed, vm_id)
+            status = (int(Status.DENIED) if who is None else
+                      self.apply_write(rid, who, vm_id, device, server_id, kind, offset,
+                                       size, data, hops))
+        else:
+            status = self._apply(rid, self.client_id, vm_id, device, offset, size, data,
+                                 counted=True)
+        if status:
+            self.post_failed(rid, vm_id, device, status, size)
 
     def _io_other(self, f: IoRequestFields) -> None:
         """An IO_REQUEST that names a client or a server, or a device not held here."""
@@ -428,6 +524,12 @@ class ClientSession:
                                  req.data, req.kind, req.size, req.direction, req.hops,
                                  req.server_id, req.device_id))
 
+    def _on_post(self, req: m.Post) -> None:
+        # A POST the field reader passed over (it never does for valid frames).
+        self._post(IoRequestFields(req.request_id, req.vm_id, req.client_id, req.offset,
+                                   req.data, req.kind, req.size, req.direction, req.hops,
+                                   req.server_id, req.device_id))
+
     def _on_attach(self, req: m.Attach) -> None:
         who = self._who(req.client_id, req.vm_id, "an attach")
         if who is None:
@@ -441,6 +543,8 @@ class ClientSession:
                         req.device_id)
         else:
             local, sink = who
+            if local == self.client_id:  # a new attachment counts its POSTs from 0
+                self._sink.applied.pop((req.vm_id, req.device_id), None)
             try:
                 status = self._router.attach(local, req.vm_id, req.device_id,
                                              req.server_id, sink,
@@ -490,7 +594,7 @@ class ClientSession:
     _handlers: dict[type, Callable[[ClientSession, Any], None]] = {
         m.Hello: _on_hello, m.IoRequest: _on_io, m.Attach: _on_attach,
         m.Detach: _on_detach, m.Ping: _on_ping, m.Pong: _on_pong, m.Error: _on_error,
-        m.Resume: on_resume, m.Origin: on_origin,
+        m.Resume: on_resume, m.Origin: on_origin, m.Post: _on_post,
     }
 
     def close(self) -> None:

@@ -15,12 +15,18 @@ counted (``unmapped_reads`` / ``unmapped_writes``).
 Port 0xf4 (``DEBUG_EXIT_PORT``) is the local debug-exit device, as QEMU's
 ``isa-debug-exit``: a write of ``v`` ends the VM with exit status ``(v << 1) | 1``.
 It is entered in the port table like any handler; its write raises ``GuestExit``.
+
+Writes the kernel coalesced (``coalesced.py``) arrive through ``port_write`` /
+``mmio_write`` like the others, in the guest's order, a ring's worth at a time; after
+each such batch the bus calls its drain listeners (``on_drain``), so a handler that
+forwards writes can send one batch in one message instead of one per write.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
 DEBUG_EXIT_PORT = 0xF4
@@ -67,6 +73,10 @@ class Bus:
         self.mmio_index: tuple[list[int], list[tuple[int, Any, Any, int]]] = ([], [])
         self.unmapped_reads = 0
         self.unmapped_writes = 0
+        # Called after each drain of the coalesced ring that delivered writes (a tuple,
+        # replaced whole by on_drain, so the vCPU thread never sees it half-changed).
+        self._drain_listeners: tuple[Callable[[], Any], ...] = ()
+        self._drain_openers: tuple[Callable[[], Any], ...] = ()
         self.debug_exit_port = debug_exit_port
         if debug_exit_port is not None:
             self.map_ports(debug_exit_port, debug_exit_port, DebugExit())
@@ -184,3 +194,28 @@ class Bus:
                 write(addr - base, size, value)
                 return
         self.unmapped_writes += 1
+
+    # --------------------------------------------------- coalesced-write batches
+
+    def on_drain(self, callback: Callable[[], Any],
+                 before: Callable[[], Any] | None = None) -> None:
+        """Call ``callback()`` (in the vCPU thread) after every drain of the coalesced
+        ring that delivered at least one write: the end of a batch of coalesced writes,
+        all of them already passed to their handlers' ``write``; and ``before()``, if
+        given, before the first of them (a link corks, then sends the batch at once)."""
+        if not callable(callback) or (before is not None and not callable(before)):
+            raise TypeError(f"{callback!r} / {before!r} is not callable")
+        with self._lock:
+            self._drain_listeners += (callback,)
+            if before is not None:
+                self._drain_openers += (before,)
+
+    def before_drain(self) -> None:
+        """A drain is about to deliver writes: call the openers, in registration order."""
+        for callback in self._drain_openers:
+            callback()
+
+    def after_drain(self) -> None:
+        """A drain delivered writes: call the drain listeners, in registration order."""
+        for callback in self._drain_listeners:
+            callback()

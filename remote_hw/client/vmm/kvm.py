@@ -41,6 +41,8 @@ _IOCTL_TABLE: dict[str, tuple[int, int, int]] = {
     "SET_IDENTITY_MAP_ADDR": (_IOC_WRITE, 0x48, 8),
     "CREATE_IRQCHIP": (_IOC_NONE, 0x60, 0),
     "IRQ_LINE": (_IOC_WRITE, 0x61, 8),
+    "REGISTER_COALESCED_MMIO": (_IOC_WRITE, 0x67, 16),     # struct kvm_coalesced_mmio_zone
+    "UNREGISTER_COALESCED_MMIO": (_IOC_WRITE, 0x68, 16),
     "IRQFD": (_IOC_WRITE, 0x76, 32),
     "CREATE_PIT2": (_IOC_WRITE, 0x77, 64),
     "IOEVENTFD": (_IOC_WRITE, 0x79, 64),
@@ -73,6 +75,8 @@ _EXPECTED = {
     "SET_SREGS": 0x4138AE84, "SET_MSRS": 0x4008AE89, "SET_SIGNAL_MASK": 0x4004AE8B,
     "SET_FPU": 0x41A0AE8D, "GET_LAPIC": 0x8400AE8E, "SET_LAPIC": 0x4400AE8F,
     "SET_CPUID2": 0x4008AE90, "GET_MP_STATE": 0x8004AE98, "GET_VCPU_EVENTS": 0x8040AE9F,
+    # printed by a C program including <linux/kvm.h> (Debian 12, linux-libc-dev 6.1)
+    "REGISTER_COALESCED_MMIO": 0x4010AE67, "UNREGISTER_COALESCED_MMIO": 0x4010AE68,
 }
 for _name, _value in _EXPECTED.items():
     if IOCTL[_name] != _value:  # pragma: no cover - table typo
@@ -91,6 +95,8 @@ KVM_SET_TSS_ADDR = IOCTL["SET_TSS_ADDR"]
 KVM_SET_IDENTITY_MAP_ADDR = IOCTL["SET_IDENTITY_MAP_ADDR"]
 KVM_CREATE_IRQCHIP = IOCTL["CREATE_IRQCHIP"]
 KVM_IRQ_LINE = IOCTL["IRQ_LINE"]
+KVM_REGISTER_COALESCED_MMIO = IOCTL["REGISTER_COALESCED_MMIO"]
+KVM_UNREGISTER_COALESCED_MMIO = IOCTL["UNREGISTER_COALESCED_MMIO"]
 KVM_CREATE_PIT2 = IOCTL["CREATE_PIT2"]
 KVM_RUN = IOCTL["RUN"]
 KVM_GET_REGS = IOCTL["GET_REGS"]
@@ -129,6 +135,11 @@ MP_STATES: dict[int, str] = {
 }
 MP_STATE_RUNNABLE = 0
 MP_STATE_HALTED = 3
+
+# KVM_CHECK_EXTENSION capabilities. COALESCED_MMIO answers the ring's page offset in
+# the vCPU mmap (0: no ring); COALESCED_PIO answers 1 when zones may be port ranges.
+KVM_CAP_COALESCED_MMIO = 15
+KVM_CAP_COALESCED_PIO = 162
 
 KVM_PIT_SPEAKER_DUMMY = 1          # kvm_pit_config.flags: port 0x61 handled in the kernel
 KVM_MEM_LOG_DIRTY_PAGES = 1
@@ -315,11 +326,29 @@ class KvmVcpuEvents(ctypes.Structure):
     ]
 
 
+class KvmCoalescedMmioZone(ctypes.Structure):
+    """KVM_(UN)REGISTER_COALESCED_MMIO's argument; ``pio`` (a union with ``pad``): 1 for a
+    port range, 0 for guest-physical MMIO."""
+    _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]
+
+
+class KvmCoalescedMmio(ctypes.Structure):
+    """One entry of the coalesced ring: a write of ``len`` bytes of ``data``."""
+    _fields_ = [("phys_addr", u64), ("len", u32), ("pio", u32), ("data", u8 * 8)]
+
+
+class KvmCoalescedMmioRing(ctypes.Structure):
+    """The ring's header; ``coalesced_mmio[]`` entries follow it to the end of the page.
+    The kernel produces at ``last``, user space consumes at ``first``."""
+    _fields_ = [("first", u32), ("last", u32)]
+
+
 # Sizes the kernel expects (the ioctl numbers encode them too).
 STRUCT_SIZES: dict[type, int] = {
     KvmRegs: 144, KvmSegment: 24, KvmDtable: 16, KvmSregs: 312, KvmCpuidEntry2: 40,
     KvmUserspaceMemoryRegion: 32, KvmPitConfig: 64, KvmIrqLevel: 8, KvmMpState: 4,
-    KvmVcpuEvents: 64,
+    KvmVcpuEvents: 64, KvmCoalescedMmioZone: 16, KvmCoalescedMmio: 24,
+    KvmCoalescedMmioRing: 8,
 }
 for _cls, _size in STRUCT_SIZES.items():
     if ctypes.sizeof(_cls) != _size:  # pragma: no cover - layout typo
@@ -344,6 +373,31 @@ def struct_of(cls: type[ctypes.Structure]) -> struct.Struct:
 
 
 IRQ_LEVEL_STRUCT = struct_of(KvmIrqLevel)  # KVM_IRQ_LINE's argument (irq, level)
+COALESCED_ZONE_STRUCT = struct_of(KvmCoalescedMmioZone)   # (addr, size, pio)
+
+# ------------------------------------------------------------ the coalesced ring
+
+# One page of the vCPU mmap, at the page offset KVM_CHECK_EXTENSION(KVM_CAP_COALESCED_MMIO)
+# answers (2 here: after kvm_run and the PIO data page). The kernel appends an entry
+# unless (last + 1) % entries == first, so the ring holds entries - 1 writes; when it is
+# full, the next write exits to user space as an ordinary IO/MMIO exit.
+COALESCED_RING_FIRST = KvmCoalescedMmioRing.first.offset             # u32, user space's
+COALESCED_RING_LAST = KvmCoalescedMmioRing.last.offset               # u32, the kernel's
+COALESCED_RING_ENTRIES = ctypes.sizeof(KvmCoalescedMmioRing)         # entry 0 is here
+COALESCED_ENTRY_SIZE = ctypes.sizeof(KvmCoalescedMmio)
+COALESCED_ENTRY_DATA = KvmCoalescedMmio.data.offset
+# Hot-path decoders: the header (first, last), an entry's (phys_addr, len, pio).
+COALESCED_HEAD_STRUCT = struct_of(KvmCoalescedMmioRing)
+COALESCED_ENTRY_STRUCT = struct.Struct("<QII")
+if (COALESCED_ENTRY_STRUCT.size != COALESCED_ENTRY_DATA
+        or KvmCoalescedMmio.pio.offset != 12):  # pragma: no cover - layout typo
+    raise AssertionError("kvm_coalesced_mmio layout")
+
+
+def coalesced_ring_entries(page_size: int) -> int:
+    """KVM_COALESCED_MMIO_MAX: how many entries fit in the ring's page (170 for 4 KiB)."""
+    return (page_size - COALESCED_RING_ENTRIES) // COALESCED_ENTRY_SIZE
+
 
 # ------------------------------------------------------------------------ ioctl calls
 

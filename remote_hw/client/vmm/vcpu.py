@@ -14,6 +14,14 @@ remote device: that wait has its own deadline); on such an interruption the loop
 ``KVM_GET_MP_STATE`` and, if the vCPU is HALTED with RFLAGS.IF clear, the guest has
 finished (status 0): with the in-kernel irqchip a halted vCPU sleeps inside
 ``KVM_RUN`` and no HLT exit ever reaches user space.
+
+Coalesced writes (``coalesced.py``): once a zone is registered, the loop drains the
+ring after every return from ``KVM_RUN`` (an exit, an ``EINTR`` from a kick or a stop,
+an error), before it looks at the exit. So the writes reach the bus in the guest's
+order and before the access that caused the exit, and a guest that runs on without
+exits still has its writes delivered within a kick interval. Before the first zone
+the cost is one attribute test per exit; after it, reading an empty ring's header adds
+about 0.2 µs to an exit.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Any
 
 from . import kvm
 from .bus import ONES, Bus, GuestExit
+from .coalesced import CoalescedRing
 
 KICK_SIGNAL = signal.SIGUSR2
 DEFAULT_KICK_INTERVAL = 0.05
@@ -249,6 +258,10 @@ class VcpuThread:
         # lands while the exit handler waits for a remote device would interrupt that
         # wait (and, before every read honoured its deadline, restart it).
         self._in_guest = False
+        # The coalesced ring, set (from any thread) by attach_ring before the first zone
+        # is registered; None until then, which is all the exit loop tests.
+        self.coalesced: CoalescedRing | None = None
+        self._sinks: tuple[Callable[..., Any], ...] = ()   # the Bus's, bound once
         self._alive = True
         self._ident = 0
         started: Future = Future()
@@ -326,6 +339,28 @@ class VcpuThread:
     def running(self) -> bool:
         return self._in_run
 
+    # -------------------------------------------------------- coalesced writes
+
+    def attach_ring(self, page_offset: int) -> CoalescedRing:
+        """Drain the coalesced ring at ``page_offset`` of the vCPU mmap after every
+        ``KVM_RUN`` from now on (any thread; call it before registering a zone)."""
+        with self._lock:
+            if self.coalesced is None:
+                if self.vcpu is None:
+                    raise RuntimeError("the vCPU thread has ended")
+                bus = self.bus
+                self._sinks = (bus.port_write, bus.mmio_write, bus.after_drain,
+                               bus.before_drain)
+                self.coalesced = CoalescedRing(self.vcpu.run_mm, page_offset)
+            return self.coalesced
+
+    def _drain(self) -> None:
+        """Deliver the coalesced writes, oldest first, then tell the drain listeners."""
+        ring = self.coalesced
+        if ring is not None:
+            port_write, mmio_write, after, before = self._sinks
+            ring.drain(port_write, mmio_write, after, before)
+
     # ------------------------------------------------------------------ running
 
     def run(self, vcpu: Vcpu) -> int:
@@ -376,11 +411,21 @@ class VcpuThread:
                     ioctl(fd, KVM_RUN)
                 except InterruptedError:
                     self._in_guest = False
+                    if self.coalesced is not None:
+                        self._drain()
                     status = self._interrupted(vcpu)
                     if status is not None:
                         return status
                     continue
+                except OSError:
+                    self._in_guest = False
+                    if self.coalesced is not None:
+                        self._drain()
+                    raise
                 self._in_guest = False
+                # Coalesced writes first: they happened before the access that exited.
+                if self.coalesced is not None:
+                    self._drain()
                 reason, direction, size, port, count, off = unpack_exit(mm, RUN_EXIT_REASON)
                 if reason == EXIT_IO:
                     entry = port_get(port)

@@ -16,6 +16,11 @@ Exit statuses returned by ``run``:
   system-event RESET) and ``reset_action`` is ``"exit"``;
 * whatever was passed to ``stop(status)``.
 
+Coalesced writes: ``vm.coalesce_ports(0x3f8, 1)`` (or ``coalesce_mmio``) makes the
+kernel queue the guest's writes to that range in a ring instead of exiting for each;
+they reach the bus, in order, at the vCPU's next exit (or kick), before that exit is
+handled (``coalesced.py``). Reads of the range still exit. Any time, also while running.
+
 A crash (SHUTDOWN / triple fault, INTERNAL_ERROR, FAIL_ENTRY) raises ``VmError`` with
 the registers in its message (``VmError.status`` = ``0x200 | exit_reason``); a handler's
 exception propagates out of ``run`` unchanged; a ``timeout`` raises ``VmTimeout``.
@@ -29,6 +34,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from . import kvm
 from .bus import Bus
+from .coalesced import CoalescingUnsupported, Zone, ZoneTable
 from .irqchip import IrqChip, IrqLine
 from .loader import BootImage, ImageSource, parse_image, read_image
 from .memory import GuestRam
@@ -45,7 +51,7 @@ from .vcpu import (
 )
 
 __all__ = ["Vm", "VmError", "VmTimeout", "STATUS_HALTED", "STATUS_RESET", "STATUS_STOPPED",
-           "debug_exit_status"]
+           "debug_exit_status", "CoalescingUnsupported", "Zone"]
 
 DEFAULT_MEM_SIZE = 16 << 20
 RESET_ACTIONS = ("exit", "restart")
@@ -88,6 +94,8 @@ class Vm:
         self._vt: VcpuThread
         self._run_lock = threading.Lock()
         self._pending_reset: str | None = None      # "exit" / "restart" once requested
+        self._zones: ZoneTable | None = None           # made by the first coalesce_*
+        self._zones_lock = threading.Lock()
         self._closed = False
         kvm_fd = os.open(kvm_path, os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -224,6 +232,55 @@ class Vm:
     def irq_line(self, line: int) -> IrqLine:
         """An ``IrqLine`` (``set_level``) for a local device model."""
         return IrqLine(self, line)
+
+    # ------------------------------------------------------------ coalesced writes
+
+    def coalescing_supported(self, kind: str = "port") -> bool:
+        """Whether this KVM can coalesce writes to ``kind`` ("port" or "mmio") ranges."""
+        return self._zone_table().support.allows(kind)
+
+    def coalesce_ports(self, start: int, length: int = 1) -> Zone:
+        """Coalesce guest writes to ports ``start .. start + length - 1`` (any thread,
+        before or while running): no exit per write; the bus gets them, in order, at
+        the next exit. Raises ``CoalescingUnsupported`` where KVM cannot, ``ValueError``
+        for a bad range or one overlapping a coalesced range."""
+        return self._coalesce(Zone("port", start, length))
+
+    def coalesce_mmio(self, addr: int, length: int) -> Zone:
+        """Coalesce guest writes to MMIO ``addr .. addr + length - 1`` (as
+        ``coalesce_ports``)."""
+        return self._coalesce(Zone("mmio", addr, length))
+
+    def uncoalesce(self, zone: Zone) -> None:
+        """Stop coalescing ``zone`` (as returned by ``coalesce_*`` or listed by
+        ``coalesced_zones``); writes already queued are still delivered."""
+        self._zone_table().remove(zone)
+
+    @property
+    def coalesced_zones(self) -> tuple[Zone, ...]:
+        """The coalesced ranges, in the order they were added."""
+        return self._zones.zones if self._zones is not None else ()
+
+    def coalesced_pending(self) -> int:
+        """Writes queued in the ring and not yet delivered (any thread; diagnostics)."""
+        ring = self._vt.coalesced
+        return ring.pending() if ring is not None else 0
+
+    def _zone_table(self) -> ZoneTable:
+        with self._zones_lock:
+            if self._closed:
+                raise VmError("the VM is closed")
+            if self._zones is None:
+                self._zones = ZoneTable(self.vm_fd)
+            return self._zones
+
+    def _coalesce(self, zone: Zone) -> Zone:
+        table = self._zone_table()
+        table.check(zone)
+        # The ring is read from before the zone exists: no write is ever left unread.
+        self._vt.attach_ring(table.support.page_offset)
+        table.add(zone)
+        return zone
 
     # ----------------------------------------------------------------- inspection
 

@@ -1,0 +1,344 @@
+"""Posted writes and shadows (FEATURE_POSTED, docs/protocol.md), over real loopback TCP.
+
+An in-process server and real client links, the client side through the agent's own
+RemoteDevice (what a VM's bus calls): shadowed reads are answered locally, postable
+writes are sent without waiting. Ordering, coherence with what the model would
+answer, interrupts after their shadow, credits, failures reported later, isolation
+between clients, old peers on either side, TLS, and the one-send batching. The
+KVM-guest tests (64 KiB through the remote UART, with and without posting) are at
+the end.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from remote_hw.client.agent import RemoteDevice
+from remote_hw.config import DeviceSpec, MapSpec
+from remote_hw.net.link import ServerLink
+from remote_hw.net.posting import POST_ID_BIT, DeviceShadow
+from remote_hw.net.security import TlsConfig
+from remote_hw.protocol import messages as m
+from remote_hw.protocol.codec import encode
+from remote_hw.protocol.messages import AccessKind, ErrorCode, Status
+from remote_hw.server.controller import Controller
+from remote_hw.server.listener import Server
+from remote_hw.server.posting import POST_WINDOW, REPORT_EVERY
+
+from helpers import Proc, RawClient, free_port, make_keys, remote_hw_cmd, wait_until
+from seqstream import judge, sequence_guest
+
+THR, IER, LCR, MCR, LSR, MSR, SCR = 0, 1, 3, 4, 5, 6, 7
+VM = 1
+
+
+@pytest.fixture
+def server():
+    ctl = Controller("a", [DeviceSpec("uart0", "uart16550"), DeviceSpec("rtc0", "cmos-rtc")])
+    srv = Server(ctl, "127.0.0.1", 0).start()
+    yield srv
+    srv.stop()
+
+
+def device(link: ServerLink, name: str = "uart0", vm: int = VM) -> RemoteDevice:
+    assert link.attach(vm, name) == Status.OK
+    spec = MapSpec(kind="port", start=0x3F8, end=0x3FF, server="a", device=name)
+    return RemoteDevice(link, vm, spec)
+
+
+def instance(srv: Server, name: str = "uart0"):
+    return next(i for i in srv.controller.instances() if i.spec.id == name)
+
+
+def barrier(link: ServerLink, name: str = "uart0") -> None:
+    """A round trip that changes nothing: what the server sent before it has arrived."""
+    assert link.attach(VM, name) == Status.OK
+
+
+def test_attach_brings_the_shadow_the_model_publishes(server):
+    link = ServerLink("a", server.address).connect()
+    try:
+        assert link.features & m.FEATURE_POSTED
+        dev = device(link)
+        sh = dev.shadow
+        # The UART's power-on registers: IER 0, LCR 0, MCR OUT2, LSR THRE|TEMT, MSR.
+        assert sh.reads == {IER: 0, LCR: 0, MCR: 0x08, LSR: 0x60, MSR: 0xB0}
+        assert sh.posted == (1 << THR) | (1 << SCR) and sh.window == POST_WINDOW
+        # A device without a shadow (the clock) gets none: everything waits.
+        rtc = device(link, "rtc0")
+        assert rtc.shadow.reads == {} and rtc.shadow.posted == 0
+    finally:
+        link.close()
+
+
+def test_a_posted_write_is_seen_by_the_next_read(server):
+    link = ServerLink("a", server.address).connect()
+    try:
+        dev = device(link)
+        for v in (0x11, 0x22, 0x33):
+            dev.write(SCR, 1, v)  # posted: nothing waits
+            assert dev.read(SCR, 1) == v  # not shadowed: asks, and the write came first
+        assert dev.posted == 3 and dev.forwarded == 6
+        # The answer acknowledged every POST before it.
+        assert dev.shadow.confirmed == dev.shadow.sent == 3
+    finally:
+        link.close()
+
+
+def test_shadowed_reads_follow_the_model_and_interrupts_come_after_them(server):
+    seen: list[tuple[bool, dict[int, int]]] = []
+    link = ServerLink("a", server.address)
+    link.on_interrupt = lambda vm, dev, line, level, cid: seen.append(
+        (level, dict(link.shadow_for(vm, dev).reads)))
+    link.connect()
+    try:
+        dev = device(link)
+        assert dev.read(LSR, 1) == 0x60 and dev.local_reads == 1 and dev.forwarded == 0
+        dev.write(MCR, 1, 0x0B)  # DTR, RTS, OUT2: not postable, waits
+        dev.write(IER, 1, 0x01)  # receive interrupts on
+        assert dev.read(IER, 1) == 0x01 and dev.read(MCR, 1) == 0x0B  # the new shadow
+        before = dev.forwarded
+        instance(server).to_guest(b"hi")  # what a backend does when someone types
+        wait_until(lambda: seen, "the receive interrupt")
+        level, reads_then = seen[0]
+        # When the interrupt was delivered, LSR was no longer answered locally.
+        assert level and LSR not in reads_then
+        assert dev.read(LSR, 1) == 0x61  # DR: asked the server
+        assert dev.read(THR, 1) == ord("h") and dev.read(THR, 1) == ord("i")
+        assert dev.forwarded == before + 3
+        # Nothing waiting any more: LSR is local again, and the line fell.
+        assert dev.read(LSR, 1) == 0x60 and dev.forwarded == before + 3
+        assert [lvl for lvl, _ in seen] == [True, False]
+    finally:
+        link.close()
+
+
+def test_dlab_and_loopback_change_what_may_be_posted_and_shadowed(server):
+    link = ServerLink("a", server.address).connect()
+    try:
+        dev = device(link)
+        dev.write(LCR, 1, 0x80)  # DLAB: offsets 0/1 are the divisor latch
+        assert dev.shadow.posted == (1 << 0) | (1 << 1) | (1 << 7)
+        dev.write(0, 1, 0x01)  # posted DLL write
+        dev.write(1, 1, 0x00)  # posted DLM write
+        assert dev.read(0, 1) == 0x01 and dev.read(1, 1) == 0x00  # latched, in order
+        dev.write(LCR, 1, 0x03)
+        dev.write(MCR, 1, 0x18)  # loopback: a THR write lands in the receiver
+        assert LSR not in dev.shadow.reads
+        dev.write(THR, 1, 0x5A)  # posted, looped back
+        assert dev.read(LSR, 1) & 0x01  # DR, from the server
+        assert dev.read(THR, 1) == 0x5A
+        assert instance(server).model.status()["loopback_bytes"] == 1
+    finally:
+        link.close()
+
+
+def test_a_stream_of_posts_arrives_in_order_within_the_window(server):
+    link = ServerLink("a", server.address).connect()
+    out = bytearray()
+    try:
+        dev = device(link)
+        instance(server).add_output_listener(out.extend)
+        sh = dev.shadow
+        data = bytes((i * 7 + 3) & 0xFF for i in range(20_000))
+        most = 0
+        for b in data:
+            dev.write(THR, 1, b)
+            most = max(most, sh.sent - sh.confirmed)
+        assert most <= POST_WINDOW
+        assert dev.read(SCR, 1) == 0  # a synchronous access: everything before is applied
+        assert bytes(out) == data
+        assert dev.posted > len(data) // 2  # most went without waiting
+        assert sh.confirmed == sh.sent == dev.posted and link.post_failures == 0
+        # Credits came back in SHADOWs too, not only with synchronous answers.
+        assert dev.posted < len(data)
+    finally:
+        link.close()
+
+
+def test_credits_are_returned_every_quarter_window(server):
+    link = ServerLink("a", server.address).connect()
+    try:
+        dev = device(link)
+        for i in range(REPORT_EVERY):
+            link.post(dev.shadow, AccessKind.PORT, SCR, 1, i & 0xFF)
+        wait_until(lambda: dev.shadow.confirmed == REPORT_EVERY, "the credit SHADOW")
+        assert dev.forwarded == 0
+    finally:
+        link.close()
+
+
+def test_a_failed_post_is_reported_later_and_counted(server, caplog):
+    link = ServerLink("a", server.address).connect()
+    try:
+        device(link)
+        # A POST for a VM this client never attached: the server says so, afterwards.
+        stray = DeviceShadow(9, "uart0")
+        assert link.post(stray, AccessKind.PORT, SCR, 1, 0x42) == Status.OK
+        wait_until(lambda: link.post_failures == 1, "the failure report")
+        assert "posted write of vm 9 failed: NOT_ATTACHED" in caplog.text
+        # The connection carries on.
+        assert link.io(VM, "uart0", AccessKind.PORT, LSR, 1, 0) == (Status.OK, 0x60)
+    finally:
+        link.close()
+
+
+def test_one_client_cannot_post_into_another_clients_vm(server):
+    alice = ServerLink("a", server.address, client_name="alice").connect()
+    bob = ServerLink("a", server.address, client_name="bob").connect()
+    try:
+        mine = device(alice)
+        mine.write(SCR, 1, 0x11)
+        # Bob names Alice's VM and device; his identity is his connection's, so the
+        # server looks for *his* vm 1, which he never attached.
+        forged = bob.shadow_for(VM, "uart0")
+        forged.posted, forged.window = 0xFF, 10
+        assert bob.post(forged, AccessKind.PORT, SCR, 1, 0x22) == Status.OK
+        wait_until(lambda: bob.post_failures == 1, "bob's failure report")
+        assert mine.read(SCR, 1) == 0x11
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_an_old_client_without_posted_is_served_synchronously(server):
+    features = m.SUPPORTED_FEATURES & ~m.FEATURE_POSTED
+    raw = RawClient(server.address[1], features=features)
+    try:
+        assert raw.attach(VM, "uart0").status == Status.OK
+        assert raw.io(VM, "uart0", SCR, write=True, data=0x77).status == Status.OK
+        assert raw.io(VM, "uart0", SCR).data == 0x77
+        assert not any(isinstance(e, m.Shadow) for e in raw.events)  # never sent one
+        # A POST it should not send (encoded by hand: its Connection would refuse) is
+        # refused like any unnegotiated message.
+        raw.sock.sendall(encode(m.Post(request_id=99, vm_id=VM, offset=SCR, data=1,
+                                       kind=AccessKind.PORT, size=1, device_id="uart0")))
+        err = raw.next()
+        assert isinstance(err, m.Error) and err.code == ErrorCode.UNEXPECTED
+        assert "0x10 was not negotiated" in err.text
+    finally:
+        raw.close()
+    # The link's own switch: no POSTED offered, everything waits.
+    link = ServerLink("a", server.address, posting=False).connect()
+    try:
+        assert not link.features & m.FEATURE_POSTED
+        dev = device(link)
+        dev.write(SCR, 1, 0x55)
+        assert dev.read(LSR, 1) == 0x60 and dev.read(SCR, 1) == 0x55
+        assert dev.posted == 0 and dev.local_reads == 0 and dev.forwarded == 3
+    finally:
+        link.close()
+
+
+def test_an_old_server_without_posted_gets_only_synchronous_requests(server):
+    server.features = m.SUPPORTED_FEATURES & ~m.FEATURE_POSTED
+    link = ServerLink("a", server.address).connect()
+    try:
+        assert not link.features & m.FEATURE_POSTED
+        dev = device(link)
+        dev.write(THR, 1, 0x41)
+        assert dev.read(LSR, 1) == 0x60
+        assert dev.posted == 0 and dev.local_reads == 0 and dev.forwarded == 2
+    finally:
+        link.close()
+
+
+def test_posting_over_mutual_tls(tmp_path):
+    keys = make_keys(tmp_path / "keys", servers=["a"], clients=["alice"])
+    ctl = Controller("a", [DeviceSpec("uart0", "uart16550")])
+    srv = Server(ctl, "127.0.0.1", 0, tls=TlsConfig(keys, "a")).start()
+    link = ServerLink("a", srv.address, client_name="alice", tls=TlsConfig(keys, "alice"))
+    out = bytearray()
+    try:
+        link.connect()
+        dev = device(link)
+        instance(srv).add_output_listener(out.extend)
+        for b in b"over TLS":
+            assert dev.read(LSR, 1) == 0x60  # local
+            dev.write(THR, 1, b)  # posted
+        assert dev.read(SCR, 1) == 0
+        assert bytes(out) == b"over TLS" and dev.posted == 8 and dev.local_reads == 8
+    finally:
+        link.close()
+        srv.stop()
+
+
+def test_posts_held_by_cork_leave_in_one_send(server):
+    link = ServerLink("a", server.address).connect()
+    out = bytearray()
+    try:
+        dev = device(link)
+        instance(server).add_output_listener(out.extend)
+        t = link._t
+        assert t is not None
+        sends: list[int] = []
+        real = t.send
+        t.send = lambda data: (sends.append(len(data)), real(data))[1]  # type: ignore[method-assign]
+        link.cork()
+        for b in b"batch":
+            assert link.post(dev.shadow, AccessKind.PORT, THR, 1, b) == Status.OK
+        assert sends == []  # held
+        link.uncork()
+        assert len(sends) == 1 and sends[0] == 5 * len(link._conn.send_post(
+            POST_ID_BIT, VM, 0, THR, 0, 0, 1, 0, "", "uart0"))
+        assert dev.read(SCR, 1) == 0 and bytes(out) == b"batch"
+    finally:
+        link.close()
+
+
+def test_the_server_gone_turns_the_device_removed_and_says_what_may_be_lost(server, caplog):
+    link = ServerLink("a", server.address, timeout=2.0).connect()
+    try:
+        dev = device(link)
+        dev.write(SCR, 1, 1)  # posted, never acknowledged
+        server.stop()
+        wait_until(lambda: not link.up, "the link to notice")
+        assert dev.read(LSR, 1) == 0xFF  # no shadow any more: removed device
+        dev.write(THR, 1, 0x41)  # dropped, not posted
+        assert dev.posted == 1
+        assert re.search(r"up to 1 posted write\(s\) may not have been applied", caplog.text)
+    finally:
+        link.close()
+
+
+# -- real guests, real processes ------------------------------------------------------
+
+
+def run_stream(tmp_path, count: int, *extra: str) -> tuple[bytes, str]:
+    out = tmp_path / "uart0.out"
+    port = free_port()
+    server = Proc(remote_hw_cmd("server", "--listen", f"127.0.0.1:{port}", "--server-id", "a",
+                                "--no-mount", "--device",
+                                f"uart0=uart16550,backend=file:{out}"))
+    try:
+        server.wait_for(r"listening on")
+        vm = Proc(remote_hw_cmd("vm", "--image", str(sequence_guest(tmp_path / "seq.bin",
+                                                                     count)),
+                                "--server", f"a=127.0.0.1:{port}", *extra,
+                                "--map", "port:0x3f8-0x3ff=a/uart0"))
+        try:
+            # The guest exits through port 0xf4 with (al << 1) | 1: al wrapped to 0.
+            vm.p.wait(timeout=300)
+            assert "vm 1 finished with status 1" in vm.output(), vm.output()
+        finally:
+            vm.stop()
+        wait_until(lambda: out.stat().st_size >= count, "the backend to get every byte")
+        time.sleep(0.2)  # nothing more may arrive
+        return out.read_bytes(), vm.output()
+    finally:
+        server.stop()
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("posting", [True, False], ids=["posted", "synchronous"])
+def test_a_guest_prints_64_kib_every_byte_in_order(tmp_path, posting):
+    count = 64 * 1024
+    data, log = run_stream(tmp_path, count, *(() if posting else ("--no-posting",)))
+    verdict = judge(data)
+    assert len(data) == count and data[0] == 0, str(verdict)
+    assert verdict.doubled == 0 and verdict.gaps == 0, str(verdict)
+    posted = int(re.search(r"(\d+) writes posted", log).group(1))
+    assert (posted > count // 2) if posting else posted == 0, log

@@ -118,8 +118,13 @@ class Instance:
         with self.lock:
             assert isinstance(self.model, ByteStream)
             self.model.feed(data)
-            if self.shadow_sinks:
-                self.refresh_shadow()
+            self.changed_outside()
+
+    def changed_outside(self) -> None:
+        """Something other than a guest access changed the model (a backend, the FUSE
+        view): publish its shadow if that changed it. Called with the lock held."""
+        if self.shadow_sinks:
+            self.refresh_shadow()
 
     def refresh_shadow(self) -> None:
         """Publish the model's shadow if it changed (called with the lock held, after
@@ -161,8 +166,7 @@ class Instance:
         instance is their KeySink, as ``to_guest`` is a stream backend's sink."""
         with self.lock:
             cast(KeySink, self.model).key(code, pressed)
-            if self.shadow_sinks:
-                self.refresh_shadow()
+            self.changed_outside()
 
     def _event(self, name: str) -> None:
         for (_client_id, vm_id), sink in list(self.sessions.items()):
@@ -323,7 +327,13 @@ class Controller:
             return Status.UNKNOWN_DEVICE
         key = (client_id, vm_id, device)
         with self._lock:
-            if key in self._attached:
+            inst = self._attached.get(key)
+            if inst is not None:
+                # Attached already: the client starts its shadow afresh all the same.
+                with inst.lock:
+                    shadow_sink = inst.shadow_sinks.get((client_id, vm_id))
+                    if shadow_sink is not None:
+                        shadow_sink.shadow(vm_id, device, inst.shadow)
                 return Status.OK
             quota = self.max_instances_per_client
             held = self._held.get(client_id, 0)

@@ -48,7 +48,7 @@ def shadow_message(vm_id: int, client_id: int, device: str, shadow: RegisterShad
             if 0 <= off < m.SHADOW_OFFSETS:
                 posted |= 1 << off
         n = 0
-        for off, value in shadow.reads:
+        for off, value in sorted(shadow.reads):  # the wire lists them by offset
             if 0 <= off < m.SHADOW_OFFSETS and n < m.SHADOW_MAX_READS:
                 shadowed |= 1 << off
                 values |= (value & 0xFF) << (8 * n)

@@ -197,6 +197,7 @@ class _TimeFile(_LineFile):
             model = inst.model
             assert isinstance(model, Clock)
             model.set_time(dt)
+            inst.changed_outside()
         log.info("FUSE view: %s#%d time set to %s", inst.spec.id, inst.index,
                  dt.isoformat())
 
@@ -207,6 +208,7 @@ def _deliver_keys(inst: Instance, events: Iterable[tuple[int, bool]]) -> None:
     with inst.lock:
         for code, pressed in events:
             model.key(code, pressed)
+        inst.changed_outside()
 
 
 class _InputFile(FileType):
@@ -229,6 +231,7 @@ class _InputFile(FileType):
         if isinstance(model, TextInput):
             with inst.lock:
                 model.type_text(text)
+                inst.changed_outside()
             return
         try:
             events = text_events(text)

@@ -12,6 +12,7 @@ the end.
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 import pytest
@@ -112,6 +113,39 @@ def test_shadowed_reads_follow_the_model_and_interrupts_come_after_them(server):
         # Nothing waiting any more: LSR is local again, and the line fell.
         assert dev.read(LSR, 1) == 0x60 and dev.forwarded == before + 3
         assert [lvl for lvl, _ in seen] == [True, False]
+    finally:
+        link.close()
+
+
+def test_frames_raised_by_others_during_an_access_keep_their_order(server):
+    """The access's own shadow is older than one a backend raises while the access is
+    being answered: it must not arrive after it (the client would keep LSR 0x60 with a
+    byte waiting, and a guest's interrupt handler would find nothing to read)."""
+    levels: list[bool] = []
+    link = ServerLink("a", server.address,
+                      on_interrupt=lambda vm, dev, line, level, cid: levels.append(level))
+    link.connect()
+    try:
+        dev = device(link)
+        dev.write(MCR, 1, 0x08)  # OUT2: the interrupt reaches the client
+        inst = instance(server)
+        (session,) = server.sessions()
+        real = session._access
+
+        def access_then_a_byte_arrives(*args):
+            answer = real(*args)  # raised its frames (the new shadow: IER 1, LSR 0x60)
+            other = threading.Thread(target=inst.to_guest, args=(b"z",))
+            other.start()  # a backend: LSR loses its shadow, the line rises
+            other.join()
+            return answer
+
+        session._access = access_then_a_byte_arrives
+        dev.write(IER, 1, 0x01)
+        session._access = real
+        assert LSR not in dev.shadow.reads and dev.shadow.reads[IER] == 0x01
+        wait_until(lambda: levels, "the interrupt")
+        assert levels == [True]
+        assert dev.read(LSR, 1) == 0x61 and dev.read(THR, 1) == ord("z")
     finally:
         link.close()
 
@@ -342,3 +376,74 @@ def test_a_guest_prints_64_kib_every_byte_in_order(tmp_path, posting):
     assert verdict.doubled == 0 and verdict.gaps == 0, str(verdict)
     posted = int(re.search(r"(\d+) writes posted", log).group(1))
     assert (posted > count // 2) if posting else posted == 0, log
+
+
+# -- through an entry server ------------------------------------------------------------
+
+
+@pytest.fixture
+def entry():
+    """Entry server a (holds nothing the tests use) forwarding uart0 to server b."""
+    from remote_hw.server.directory import StaticDirectory
+    b = Server(Controller("b", [DeviceSpec("uart0", "uart16550")]), "127.0.0.1", 0).start()
+    a = Server(Controller("a", [DeviceSpec("rtc0", "cmos-rtc")]), "127.0.0.1", 0,
+               directory=StaticDirectory({"b": b.address}, {"uart0": "b"}),
+               forward_timeout=2.0).start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def test_posts_and_shadows_pass_through_an_entry_server(entry):
+    a, b = entry
+    seen: list[tuple[bool, dict[int, int]]] = []
+    link = ServerLink("a", a.address)
+    link.on_interrupt = lambda vm, dev, line, level, cid: seen.append(
+        (level, dict(link.shadow_for(vm, dev).reads)))
+    link.connect()
+    out = bytearray()
+    try:
+        dev = device(link)
+        # The device server's shadow, relayed by a under this client's id.
+        assert dev.shadow.reads[LSR] == 0x60 and dev.shadow.window == POST_WINDOW
+        inst = instance(b)
+        inst.add_output_listener(out.extend)
+        data = bytes(range(256)) * 20
+        for byte in data:
+            assert dev.read(LSR, 1) == 0x60
+            dev.write(THR, 1, byte)
+        assert dev.read(SCR, 1) == 0  # waits: everything before it is applied on b
+        assert bytes(out) == data
+        assert dev.posted > len(data) // 2 and dev.local_reads == len(data)
+        assert a.controller.instances() == []  # a keeps no device state
+        # Interrupts from b still come after the shadow they go with.
+        dev.write(MCR, 1, 0x08)
+        dev.write(IER, 1, 0x01)
+        inst.to_guest(b"x")
+        wait_until(lambda: seen, "the relayed interrupt")
+        assert seen[0][0] and LSR not in seen[0][1]
+        assert dev.read(THR, 1) == ord("x")
+    finally:
+        link.close()
+
+
+def test_a_forwarded_post_that_fails_is_reported_under_the_clients_id(entry, caplog):
+    a, b = entry
+    link = ServerLink("a", a.address).connect()
+    try:
+        dev = device(link)
+        # b forgets this client's VM (as after its restart): b refuses the POST, and
+        # a hands the failure back under the client's own request id.
+        ((b_client, _),) = instance(b).sessions
+        b.controller.detach(b_client)
+        dev.write(SCR, 1, 0x41)
+        wait_until(lambda: link.post_failures == 1, "b's failure report, through a")
+        assert "posted write of vm 1 failed: NOT_ATTACHED" in caplog.text
+        b.stop()  # the device's server goes; a does not know yet
+        wait_until(lambda: not any(s.up for s in a.router.forwarder._links.values()),
+                   "a to notice b has gone")
+        dev.write(SCR, 1, 0x42)  # posted (the shadow is still there), fails at a
+        wait_until(lambda: link.post_failures == 2, "a's own failure report")
+        assert re.search(r"posted write of vm 1 failed: UNREACHABLE", caplog.text)
+    finally:
+        link.close()

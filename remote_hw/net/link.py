@@ -92,7 +92,8 @@ class ServerLink:
                  on_event: EventCallback | None = None,
                  on_state: StateCallback | None = None, tls: TlsConfig | None = None,
                  role: Role = Role.CLIENT, reconnect: bool = False,
-                 posting: bool = True) -> None:
+                 posting: bool = True, on_shadow: Callable[[m.Shadow], None] | None = None,
+                 on_post_failed: Callable[[int, int, int], None] | None = None) -> None:
         self.name = name
         self.address = address
         self.client_name = client_name
@@ -134,6 +135,10 @@ class ServerLink:
         self._held: list[bytes] = []
         self._corks = 0
         self.post_failures = 0
+        # Server-to-server links hand SHADOWs and failed POSTs (request id, vm, status)
+        # to the forwarder instead of keeping them (server/forward.py).
+        self.on_shadow = on_shadow
+        self.on_post_failed = on_post_failed
 
     # -- connection -------------------------------------------------------------
 
@@ -629,31 +634,52 @@ class ServerLink:
         """Send a write without waiting for it (the caller checked ``sh.may_post``);
         returns a status: OK once it is on its way, UNREACHABLE when the link is down.
         A failure the server reports later is logged and counted (``post_failures``)."""
-        t = self._t
-        if not self.up or t is None:
-            return _UNREACHABLE
         rid = next(self._ids) | POST_ID_BIT
-        if self._fast and not self._corks:
-            # C: encode and send in one call (False: a value the codec must judge).
-            try:
-                done = _post(t.fileno(), self._wlock, rid, sh.vm_id, 0, offset, data, kind,
-                             size, 0, server_id, sh.device)
-            except OSError as e:
-                done = True
-                self._down(f"connection lost: {e.strerror or e}")
-            if done:
-                sh.sent += 1
-                if sh.kept is not None:
-                    sh.kept.append((rid, kind, offset, size, data, server_id))
-                return 0 if self.up else _UNREACHABLE
-        try:
-            frame = self._conn.send_post(rid, sh.vm_id, 0, offset, data, kind, size, 0,
-                                         server_id, sh.device)
-        except ProtocolError:
+        sent = self._send_post(rid, sh.vm_id, 0, kind, offset, size, data, 0, server_id,
+                               sh.device)
+        if sent is None:
             return _UNREACHABLE
         sh.sent += 1
         if sh.kept is not None:
             sh.kept.append((rid, kind, offset, size, data, server_id))
+        return 0 if sent and self.up else _UNREACHABLE
+
+    def post_id(self) -> int:
+        """A request id for :meth:`forward_post` (taken first, so the caller can file
+        it before a failure report can come back)."""
+        return next(self._ids) | POST_ID_BIT
+
+    def forward_post(self, rid: int, vm_id: int, client_id: int, kind: int, offset: int,
+                     size: int, data: int, hops: int, server_id: str, device: str) -> bool:
+        """Server-to-server links: pass a client's POST on under ``rid`` (from
+        :meth:`post_id`); False when the link is down. A failure comes back to
+        ``on_post_failed``."""
+        sent = self._send_post(rid, vm_id, client_id, kind, offset, size, data, hops,
+                               server_id, device)
+        return bool(sent) and self.up
+
+    def _send_post(self, rid: int, vm_id: int, client_id: int, kind: int, offset: int,
+                   size: int, data: int, hops: int, server_id: str,
+                   device: str) -> bool | None:
+        """Send one POST: True when it went (or is held by cork()), False when the
+        connection failed while sending it, None when it was not sent at all."""
+        t = self._t
+        if not self.up or t is None:
+            return None
+        if self._fast and not self._corks:
+            # C: encode and send in one call (False: a value the codec must judge).
+            try:
+                if _post(t.fileno(), self._wlock, rid, vm_id, client_id, offset, data, kind,
+                         size, hops, server_id, device):
+                    return True
+            except OSError as e:
+                self._down(f"connection lost: {e.strerror or e}")
+                return False
+        try:
+            frame = self._conn.send_post(rid, vm_id, client_id, offset, data, kind, size, hops,
+                                         server_id, device)
+        except ProtocolError:
+            return None
         try:
             with self._wlock:
                 if self._corks:
@@ -662,8 +688,8 @@ class ServerLink:
                     t.send(frame)
         except OSError as e:
             self._down(f"connection lost: {e.strerror or e}")
-            return _UNREACHABLE
-        return 0
+            return False
+        return True
 
     def cork(self) -> None:
         """Hold POSTs back until :meth:`uncork`, to send them in one write (a vCPU
@@ -691,12 +717,18 @@ class ServerLink:
     def _on_shadow(self, msg: m.Shadow) -> None:
         if not self.posting:
             return
+        if self.on_shadow is not None:  # a server-to-server link relays it
+            self.on_shadow(msg)
+            return
         sh = self.shadow_for(msg.vm_id, msg.device_id)
         sh.update(msg)
 
     def _post_failed(self, fb: Any) -> None:
         """The FEEDBACK of a POST that failed: logged (a few lines, then counted)."""
         self.post_failures += 1
+        if self.on_post_failed is not None:  # a server-to-server link relays it
+            self.on_post_failed(fb.request_id, fb.vm_id, int(fb.status))
+            return
         for sh in self._shadows.values():
             if sh.vm_id == fb.vm_id:
                 sh.failed += 1

@@ -11,6 +11,13 @@ on the device's server holds whichever server a client enters by. Feedback retur
 the same call; interrupts and events come back on the peer link and are handed to the
 session of the client they name.
 
+Posted writes (docs/protocol.md, POSTED) pass through too: a client's POST is sent on
+along its route without waiting, under a request id of the peer link, remembered for
+a while so that a failure the device's server reports goes back to the client under
+the client's own id; the device's SHADOWs for the client come back on the peer link
+and are handed to the client's session like its interrupts. An entry server keeps no
+shadow of its own.
+
 When a peer goes away its routes stay: the next access looks the device up again (at
 most once a second per server), reconnects, re-attaches the VM and carries on, so a
 restarted or moved server is found again. Until then accesses fail at once with
@@ -22,10 +29,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from remote_hw.net.link import LinkError, ServerLink
 from remote_hw.net.security import TlsConfig
+from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import FEATURE_ORIGIN, Role, Status
 from remote_hw.server.directory import Directory
 
@@ -36,22 +45,36 @@ log = logging.getLogger("remote_hw.forward")
 MAX_HOPS = 3
 RETRY_INTERVAL = 1.0
 
+#: How many forwarded POSTs are remembered for their failure reports: more than a
+#: client's window of unacknowledged POSTs, so a failure always finds its client.
+POST_MEMORY = 8192
+
 RouteKey = tuple[int, int, str]  # (client id on this server, vm id, device)
 Relay = Callable[[int, int, str, int, bool], None]  # client, vm, device, line, level
 EventRelay = Callable[[int, int, str, str], None]  # client, vm, device, event name
+ShadowRelay = Callable[[int, m.Shadow], None]  # client, the device server's SHADOW
+FailureRelay = Callable[[int, int, int, int], None]  # client, vm, request id, status
 
 
 class Forwarder:
     """Routes of forwarded devices and the links to the servers that hold them."""
 
     def __init__(self, server_id: str, directory: Directory, *, tls: TlsConfig | None,
-                 timeout: float, relay_interrupt: Relay, relay_event: EventRelay) -> None:
+                 timeout: float, relay_interrupt: Relay, relay_event: EventRelay,
+                 relay_shadow: ShadowRelay | None = None,
+                 relay_post_failed: FailureRelay | None = None) -> None:
         self.server_id = server_id
         self.directory = directory
         self.tls = tls
         self.timeout = timeout
         self.relay_interrupt = relay_interrupt
         self.relay_event = relay_event
+        self.relay_shadow = relay_shadow
+        self.relay_post_failed = relay_post_failed
+        # peer link's request id of a forwarded POST -> (client here, its request id)
+        self._posts: dict[int, tuple[int, int]] = {}
+        self._post_order: deque[int] = deque()
+        self._posts_lock = threading.Lock()
         self._lock = threading.Lock()
         self._links: dict[str, ServerLink] = {}
         self._next_try: dict[str, float] = {}
@@ -84,8 +107,7 @@ class Forwarder:
             link = ServerLink(target, address, client_name=self.server_id,
                               timeout=self.timeout, tls=self.tls, role=Role.PEER,
                               on_interrupt=self._on_interrupt, on_event=self._on_event,
-                              # Forwarded accesses wait for their answer (posting.py).
-                              posting=False)
+                              on_shadow=self._on_shadow, on_post_failed=self._on_post_failed)
             try:
                 link.connect(min(self.timeout, 5.0))
             except LinkError as e:
@@ -106,6 +128,19 @@ class Forwarder:
 
     def _on_event(self, vm_id: int, device: str, name: str, client_id: int) -> None:
         self.relay_event(client_id, vm_id, device, name)
+
+    def _on_shadow(self, msg: m.Shadow) -> None:
+        if self.relay_shadow is not None:
+            self.relay_shadow(msg.client_id, msg)
+
+    def _on_post_failed(self, rid: int, vm_id: int, status: int) -> None:
+        with self._posts_lock:
+            who = self._posts.pop(rid, None)
+        if who is None:
+            log.warning("a forwarded posted write of vm %d failed (%s), for a client no "
+                        "longer known", vm_id, status)
+        elif self.relay_post_failed is not None:
+            self.relay_post_failed(who[0], vm_id, who[1], status)
 
     # -- requests --------------------------------------------------------------------
 
@@ -160,6 +195,35 @@ class Forwarder:
                 return Status.UNREACHABLE, 0
         return link.io(vm_id, device, kind, offset, size, direction, data, server_id=target,
                        client_id=client_id, hops=hops + 1)
+
+    def post(self, client_id: int, vm_id: int, device: str, kind: int, offset: int,
+             size: int, data: int, hops: int, explicit: str, rid: int) -> int:
+        """Pass a client's POST (its request id ``rid``) on along its route without
+        waiting; a status: OK once sent. A failure there comes back later, under
+        ``rid``, through ``relay_post_failed``."""
+        key = (client_id, vm_id, device)
+        target = self.routes.get(key)
+        if target is None or (explicit and explicit != target):
+            return Status.NOT_ATTACHED
+        if hops >= MAX_HOPS:
+            return Status.HOP_LIMIT
+        link = self._attached_on.get(key)
+        if link is None or not link.up:
+            link = self._reattach(key)
+            if link is None:
+                return Status.UNREACHABLE
+        peer_rid = link.post_id()
+        with self._posts_lock:  # filed first: its failure may come back at once
+            self._posts[peer_rid] = (client_id, rid)
+            self._post_order.append(peer_rid)
+            if len(self._post_order) > POST_MEMORY:
+                self._posts.pop(self._post_order.popleft(), None)
+        if not link.forward_post(peer_rid, vm_id, client_id, kind, offset, size, data,
+                                 hops + 1, target, device):
+            with self._posts_lock:
+                self._posts.pop(peer_rid, None)
+            return Status.UNREACHABLE
+        return Status.OK
 
     def _tell_origin(self, link: ServerLink, client_id: int, target: str) -> Status:
         """Name the client behind ``client_id`` to ``target`` once per link (ORIGIN).

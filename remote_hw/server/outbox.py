@@ -17,6 +17,10 @@ more. Nobody but the slow client's own writer ever waits for its socket.
 A session's own replies (the feedback of its own access, with the interrupts that
 access raised) are still written by its connection thread directly: that thread
 has nothing else to do, and a thread hop there would cost every access a wake-up.
+The frames its access raises are queued here too, without waking the writer
+(``put(..., wake=False)``), so they keep their place among frames other threads
+raise meanwhile: a shadow or an interrupt level raised by a backend just after the
+access must not arrive before the older one the access raised.
 Order still holds: frames queued before an access are on the wire before its
 feedback. The writer thread takes frames out of the queue only while it holds the
 session's write lock, and a direct writer that finds frames queued (``queued``)
@@ -64,9 +68,11 @@ class Outbox:
         """Bytes not yet written (a write in progress counts until it returns)."""
         return self._queued
 
-    def put(self, frame: bytes) -> bool:
+    def put(self, frame: bytes, wake: bool = True) -> bool:
         """Queue ``frame``; never blocks on the network. False when it was dropped
-        (the outbox is closed, or this frame overflowed it)."""
+        (the outbox is closed, or this frame overflowed it). ``wake=False``: the
+        caller writes the queue itself right after (``take``), so the writer thread
+        is not woken for it."""
         with self._cond:
             if self._closed:
                 self.dropped_frames += 1
@@ -75,6 +81,8 @@ class Outbox:
             if queued + len(frame) <= self.limit:
                 self._frames.append(frame)
                 self._queued = queued + len(frame)
+                if not wake:
+                    return True
                 if self._thread is not None:
                     self._cond.notify()
                     return True

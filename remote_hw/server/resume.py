@@ -107,6 +107,16 @@ class SinkRelay:
         if t is not None:
             t.shadow_out(vm_id, device, shadow, self.applied.get((vm_id, device), 0))
 
+    def forwarded_shadow(self, msg: Any) -> None:
+        t = self.target
+        if t is not None:
+            t.forwarded_shadow(msg)
+
+    def forwarded_post_failed(self, vm_id: int, rid: int, status: int) -> None:
+        t = self.target
+        if t is not None:
+            t.forwarded_post_failed(vm_id, rid, status)
+
     def interrupt(self, vm_id: int, device: str, line: int, level: bool) -> None:
         t = self.target
         if t is not None:

@@ -14,6 +14,7 @@ import logging
 import threading
 
 from remote_hw.net.security import TlsConfig
+from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import Status
 from remote_hw.server.controller import Controller, SessionSink
 from remote_hw.server.directory import Directory
@@ -34,7 +35,9 @@ class Router:
         self.forwarder = Forwarder(self.server_id, directory, tls=tls,
                                    timeout=forward_timeout,
                                    relay_interrupt=self._relay_interrupt,
-                                   relay_event=self._relay_event)
+                                   relay_event=self._relay_event,
+                                   relay_shadow=self._relay_shadow,
+                                   relay_post_failed=self._relay_post_failed)
         self._clients: dict[int, SessionSink] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -98,6 +101,20 @@ class Router:
                 status = Status.UNKNOWN_DEVICE
         return status, value
 
+    def forward_post(self, client_id: int, vm_id: int, device: str, server_id: str,
+                     kind: int, offset: int, size: int, data: int, hops: int,
+                     rid: int) -> int:
+        """A posted write for a device that is not here: sent on along its route
+        without waiting; a status (OK once on its way)."""
+        if hops >= MAX_HOPS:
+            return Status.HOP_LIMIT
+        status = self.forwarder.post(client_id, vm_id, device, kind, offset, size, data,
+                                     hops, "" if server_id == self.server_id else server_id,
+                                     rid)
+        if status == Status.NOT_ATTACHED and self.forwarder.resolve(device, "") is None:
+            status = Status.UNKNOWN_DEVICE
+        return status
+
     def detach(self, client_id: int, vm_id: int | None = None) -> None:
         self.controller.detach(client_id, vm_id)
         self.forwarder.detach(client_id, vm_id)
@@ -116,6 +133,18 @@ class Router:
         sink = self._clients.get(client_id)
         if sink is not None:
             sink.event(vm_id, device, name)
+
+    def _relay_shadow(self, client_id: int, msg: m.Shadow) -> None:
+        sink = self._clients.get(client_id)
+        relay = getattr(sink, "forwarded_shadow", None)
+        if relay is not None:
+            relay(msg)
+
+    def _relay_post_failed(self, client_id: int, vm_id: int, rid: int, status: int) -> None:
+        sink = self._clients.get(client_id)
+        relay = getattr(sink, "forwarded_post_failed", None)
+        if relay is not None:
+            relay(vm_id, rid, status)
 
     def close(self) -> None:
         self.resumes.close()

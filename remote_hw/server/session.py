@@ -30,6 +30,7 @@ per-request warnings rate-limited with a count.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -70,19 +71,41 @@ _WRITE = int(m.Direction.WRITE)
 MAX_PEER_ERROR_TEXT = 1024
 
 
+def _forward_post(router: Any, *args: Any) -> tuple[int, int]:
+    """Router.forward_post as an access for the window of recent writes."""
+    return router.forward_post(*args), 0
+
+
 class _Closing(Exception):
     """The peer did something that ends its connection without an ERROR back (it
     sent an ERROR itself, which is never answered with another)."""
 
 
 class _OriginSink:
-    """Interrupts for a client a peer server speaks for: tagged with *its* client id."""
+    """Interrupts (and shadows, failed POSTs) for a client a peer server speaks for:
+    tagged with *its* client id."""
 
-    __slots__ = ("session", "origin")
+    __slots__ = ("session", "origin", "applied")
 
     def __init__(self, session: ClientSession, origin: int) -> None:
         self.session = session
         self.origin = origin
+        self.applied: dict[tuple[int, str], int] = {}  # POSTs applied (posting.py)
+
+    def wants_shadow(self) -> bool:
+        return self.session.wants_shadow()
+
+    def shadow(self, vm_id: int, device: str, shadow: Any) -> None:
+        self.session._emit(shadow_message(vm_id, self.origin, device, shadow,
+                                          self.applied.get((vm_id, device), 0)))
+
+    def forwarded_shadow(self, msg: m.Shadow) -> None:
+        if self.session.wants_shadow():
+            self.session._emit(dataclasses.replace(msg, client_id=self.origin))
+
+    def forwarded_post_failed(self, vm_id: int, rid: int, status: int) -> None:
+        self.session.send(m.Feedback(request_id=rid, vm_id=vm_id, client_id=self.origin,
+                                     status=Status(status), size=0, data=0))
 
     def interrupt(self, vm_id: int, device: str, line: int, level: bool) -> None:
         self.session._emit(m.Interrupt(vm_id=vm_id, client_id=self.origin, line=line,
@@ -111,9 +134,10 @@ class ClientSession:
         self.conn = Connection(Role.SERVER)
         self._wlock = threading.Lock()
         self._thread_id = 0
-        # Frames raised (interrupts, events) while this thread handles a request are
-        # sent with its feedback in one write instead of one write each.
-        self._batch: list[bytes] | None = None
+        # While this thread handles a request, the frames it raises (interrupts,
+        # shadows) are queued without waking the writer and go out with its feedback
+        # in one write, in their place among frames other threads raise meanwhile.
+        self._batching = False
         # PEER connections: origin client id (the entry server's) -> our local id for
         # it and the sink that tags its interrupts with the origin id.
         self._origins: dict[int, tuple[int, _OriginSink]] = {}
@@ -164,56 +188,31 @@ class ClientSession:
         """Send a SHADOW (called with the device's lock held, like interrupts)."""
         self._emit(shadow_message(vm_id, self.client_id, device, shadow, applied))
 
-    @property
-    def applied(self) -> dict[tuple[int, str], int]:
-        """POSTs applied per (VM, device), kept by the session's relay across resumes."""
-        return self._sink.applied
+    def forwarded_shadow(self, msg: m.Shadow) -> None:
+        """A device server's SHADOW for this client, relayed by the forwarder."""
+        if self.wants_shadow():
+            self._emit(dataclasses.replace(msg, client_id=self.client_id))
 
-    def report_applied(self, vm_id: int, device: str) -> None:
-        """Return posting credits: the device's shadow again, with the applied count."""
-        self.server.controller.republish(self.client_id, vm_id, device)
-
-    def request_owner(self, claimed: int, vm_id: int) -> int | None:
-        """The local client id a request with client id ``claimed`` acts for, or None."""
-        who = (self._who(claimed, vm_id, "a posted write") if claimed
-               else (self.client_id, self._sink))
-        return None if who is None else who[0]
-
-    def apply_write(self, rid: int, client_id: int, vm_id: int, device: str, server_id: str,
-                    kind: int, offset: int, size: int, data: int, hops: int) -> int:
-        """A write that is not one of this session's own counted POSTs: forwarded (and
-        waited for) or applied here for a peer's client; returns the status."""
-        if (server_id and server_id != self._server_id) or device not in self._registry:
-            args = (client_id, vm_id, device, server_id, kind, offset, size, _WRITE, data,
-                    hops)
-            forward = self._router.forward_io
-            if self._window is not None:
-                return self._window.once(rid, forward, *args)[0]
-            return forward(*args)[0]
-        return self._apply(rid, client_id, vm_id, device, offset, size, data, counted=False)
+    def forwarded_post_failed(self, vm_id: int, rid: int, status: int) -> None:
+        """A forwarded POST of this client failed on the device's server."""
+        self._feedback(rid, vm_id, status, 0, 0)
 
     def _apply(self, rid: int, client_id: int, vm_id: int, device: str, offset: int,
-               size: int, data: int, *, counted: bool) -> int:
+               size: int, data: int, applied: dict[tuple[int, str], int]) -> int:
+        """A POST to a device held here, for ``client_id``, counted in ``applied``."""
         # Interrupts (and the credit SHADOW) this write raises leave in one write after it.
-        batch: list[bytes] = []
-        self._batch = batch
+        self._batching = True
         try:
-            if counted:
-                args: tuple[Any, ...] = (counted_access, self, self._access, client_id,
-                                         vm_id, device, offset, size, _WRITE, data)
-                if self._window is not None:
-                    status = self._window.once(rid, *args)[0]
-                else:
-                    status = counted_access(*args[1:])[0]
-            elif self._window is not None:
-                status = self._window.once(rid, self._access, client_id, vm_id, device,
-                                           offset, size, _WRITE, data)[0]
+            args = (self.server.controller, self._access, applied, client_id, vm_id,
+                    device, offset, size, data)
+            if self._window is not None:  # a resumable session: a re-sent POST applies once
+                status = self._window.once(rid, counted_access, *args)[0]
             else:
-                status = self._access(client_id, vm_id, device, offset, size, _WRITE, data)[0]
+                status = counted_access(*args)[0]
         finally:
-            self._batch = None
-        if batch:
-            self._send_raw(b"".join(batch))
+            self._batching = False
+        if self._outbox.queued:
+            self._send_raw(b"")
         return status
 
     def post_failed(self, rid: int, vm_id: int, device: str, status: int, size: int) -> None:
@@ -248,11 +247,9 @@ class ClientSession:
         except ProtocolError as e:
             log.debug("%s: not sent: %s", self.peer, e)
             return
-        batch = self._batch
-        if batch is not None and threading.get_ident() == self._thread_id:
-            batch.append(frame)
-        else:
-            self._outbox.put(frame)
+        # Queued either way, so frames keep the order they were raised in; this thread's
+        # own are sent with its feedback (see _local), others' by the writer thread.
+        self._outbox.put(frame, not (self._batching and threading.get_ident() == self._thread_id))
 
     def ping(self, nonce: int) -> None:
         """The watchdog's keep-alive (queued: never blocks the watchdog)."""
@@ -450,14 +447,24 @@ class ClientSession:
     def _post(self, f: IoRequestFields) -> None:
         """Apply one POST given as fields; answer only a failure (posting.py)."""
         rid, vm_id, claimed, offset, data, kind, size, _, hops, server_id, device = f
-        if claimed or server_id or device not in self._registry:
-            who = self.request_owner(claimed, vm_id)
-            status = (int(Status.DENIED) if who is None else
-                      self.apply_write(rid, who, vm_id, device, server_id, kind, offset,
-                                       size, data, hops))
-        else:
+        if not (claimed or server_id or device not in self._registry):  # the common case
             status = self._apply(rid, self.client_id, vm_id, device, offset, size, data,
-                                 counted=True)
+                                 self._sink.applied)
+        else:
+            who = (self._who(claimed, vm_id, "a posted write") if claimed
+                   else (self.client_id, self._sink))
+            if who is None:
+                status = int(Status.DENIED)
+            elif (server_id and server_id != self._server_id) or device not in self._registry:
+                # Held elsewhere: sent on without waiting (forward.py).
+                args = (who[0], vm_id, device, server_id, kind, offset, size, data, hops, rid)
+                if self._window is not None:
+                    status = self._window.once(rid, _forward_post, self._router, *args)[0]
+                else:
+                    status = self._router.forward_post(*args)
+            else:  # a peer's client, counted under its own sink
+                status = self._apply(rid, who[0], vm_id, device, offset, size, data,
+                                     getattr(who[1], "applied", {}))
         if status:
             self.post_failed(rid, vm_id, device, status, size)
 
@@ -484,24 +491,22 @@ class ClientSession:
     def _local(self, rid: int, vm_id: int, client_id: int, device: str, offset: int,
                size: int, direction: int, data: int) -> None:
         """One access to a device held here, for ``client_id``; sends the feedback."""
-        batch: list[bytes] = []
-        self._batch = batch
-        if self._window is None or direction != _WRITE:
-            status, value = self._access(client_id, vm_id, device, offset, size,
-                                         direction, data)
-        else:  # a resumable session's write: a retry of it is answered, not re-applied
-            status, value = self._window.once(rid, self._access, client_id, vm_id, device,
-                                              offset, size, direction, data)
-        self._batch = None
+        self._batching = True
+        try:
+            if self._window is None or direction != _WRITE:
+                status, value = self._access(client_id, vm_id, device, offset, size,
+                                             direction, data)
+            else:  # a resumable session's write: a retry of it is answered, not re-applied
+                status, value = self._window.once(rid, self._access, client_id, vm_id,
+                                                  device, offset, size, direction, data)
+        finally:
+            self._batching = False
         if status == _NOT_ATTACHED:
             self._log_denied(("vm", vm_id, device),
                              f"client {self.client_id} ({self.name}) used vm {vm_id} "
                              f"device {device}, which it has not attached")
-        if batch:  # interrupts this access raised travel in the same write
-            batch.append(self.conn.send_feedback(rid, vm_id, self.client_id, status, size,
-                                                 value))
-            self._send_raw(b"".join(batch))
-            return
+        # Frames this access raised (and any raised meanwhile) are queued: _feedback
+        # sends them first, in the same write.
         if self._fast and not self._outbox.queued:  # else _feedback sends the queue first
             try:
                 with self._wlock:
@@ -543,8 +548,9 @@ class ClientSession:
                         req.device_id)
         else:
             local, sink = who
-            if local == self.client_id:  # a new attachment counts its POSTs from 0
-                self._sink.applied.pop((req.vm_id, req.device_id), None)
+            applied = getattr(sink, "applied", None)
+            if applied is not None:  # a new attachment counts its POSTs from 0
+                applied.pop((req.vm_id, req.device_id), None)
             try:
                 status = self._router.attach(local, req.vm_id, req.device_id,
                                              req.server_id, sink,

@@ -6,7 +6,10 @@ rule. Then the front over a real UNIX socket, with a small vfio-user client in P
 playing QEMU's part and a real ``remote-hw server`` process holding the UART: config
 space answered locally, BAR accesses reaching the server, INTx through an eventfd, a
 broken client closed alone while another is still served, and a dead or silent server
-turning into a removed device (all ones) instead of a hang.
+turning into a removed device (all ones) instead of a hang, and then coming back by
+itself: a stopped and continued server resumes the live sessions (registers, the write
+in flight, the interrupt line), a restarted one gives them new instances, without QEMU
+reconnecting.
 """
 
 from __future__ import annotations
@@ -25,8 +28,16 @@ from remote_hw.bridge import vfio_user as vu
 from remote_hw.bridge.front import Bridge, Target
 from remote_hw.bridge.intx import IntxLine
 from remote_hw.bridge.pci import CONFIG_REGION, TEMPLATES, ConfigSpace
+from remote_hw.net.security import TlsConfig
 
-from helpers import start_server, wait_until
+from helpers import (
+    backend_port,
+    free_port,
+    make_keys,
+    read_until,
+    start_server,
+    wait_until,
+)
 
 SERIAL = TEMPLATES["pci-serial"]
 
@@ -459,7 +470,7 @@ def test_a_dead_or_silent_server_reads_as_a_removed_device(bridge, uart_server):
         wait_until(lambda: _proc_state(proc.p.pid) == "T", "the server to stop")
         assert c.bar_read(7) == 0xFF
         assert c.bar_read(5) == 0xFF  # the link is down now: at once, no second wait
-        os.kill(proc.p.pid, signal.SIGCONT)
+        # Killed while stopped: continued first, it could answer the link's reconnect.
         proc.stop(signal.SIGKILL)
         assert c.bar_read(0) == 0xFF
         c.bar_write(0, 0x41)  # dropped, and answered
@@ -481,6 +492,204 @@ def test_front_reaches_a_device_through_an_entry_server(tmp_path):
         c.bar_write(7, 0x77)
         assert c.bar_read(7) == 0x77
         assert c.bar_read(5) == 0x60
+    finally:
+        c.close()
+        br.stop()
+        a_proc.stop()
+        b_proc.stop()
+
+
+# ------------------------------------------- the link going away and coming back by itself
+
+def _set_trigger(c: VfioClient) -> int:
+    """Hand the bridge an INTx trigger eventfd, as QEMU does; returns it."""
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    flags, _, _ = c.call(vu.Command.DEVICE_SET_IRQS,
+                         vu.IRQ_SET.pack(24, vu.IRQ_SET_DATA_EVENTFD
+                                         | vu.IRQ_SET_ACTION_TRIGGER, 0, 0, 1), [efd])
+    assert flags == vu.FLAG_REPLY
+    return efd
+
+
+UNMASK = vu.IRQ_SET.pack(20, vu.IRQ_SET_DATA_NONE | vu.IRQ_SET_ACTION_UNMASK, 0, 0, 1)
+
+
+def _stop(proc) -> None:
+    os.kill(proc.p.pid, signal.SIGSTOP)
+    wait_until(lambda: _proc_state(proc.p.pid) == "T", "the server to stop")
+
+
+def _continue(proc) -> None:
+    os.kill(proc.p.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def uart_tcp(tmp_path):
+    """A server whose uart0 has a tcp backend, and a bridge on it (timeout 1 s)."""
+    proc, port = start_server("uart0=uart16550,backend=tcp:127.0.0.1:0")
+    b = Bridge(tmp_path / "uart.sock", Target("a", "uart0"), {"a": ("127.0.0.1", port)},
+               SERIAL, timeout=1.0).start()
+    yield proc, b
+    b.stop()
+    if proc.p.poll() is None:
+        os.kill(proc.p.pid, signal.SIGCONT)
+    proc.stop()
+
+
+def test_a_stopped_and_continued_server_resumes_the_live_session(uart_tcp):
+    """The server is stopped (SIGSTOP) past the link timeout, then continued. Without
+    QEMU reconnecting: while it is stopped the device reads as removed and raises no
+    interrupt; then the link comes back by itself and resumes the session: the
+    registers as they were, the write that was on its way applied once, the interrupt
+    line that was high when the link went down raised again."""
+    proc, bridge = uart_tcp
+    c = VfioClient(str(bridge.socket_path))
+    efd = -1
+    try:
+        c.handshake()
+        efd = _set_trigger(c)
+        backend = socket.create_connection(("127.0.0.1", backend_port(proc, "uart0")),
+                                           timeout=10)
+        for ch in b"before\n":
+            c.bar_write(0, ch)  # THR
+        assert read_until(backend, b"before\n") == b"before\n"
+        c.bar_write(7, 0x42)  # SCR: state only the server's instance holds
+        c.bar_write(4, 0x08)  # MCR OUT2
+        c.bar_write(1, 0x02)  # IER THRE: the line rises (THR is empty)
+        assert _eventfd_fired(efd, 20)
+        # The line stays high (IIR not read) and masked until the guest's EOI.
+
+        _stop(proc)
+        c.bar_write(0, ord("!"))  # on its way when the link goes (posted or timed out)
+        # SCR: read on the server, without side effects (LSR could be answered by the
+        # bridge, from the device's shadow). No answer within 1 s: the link is down.
+        assert c.bar_read(7) == 0xFF
+        assert c.bar_read(5) == 0xFF  # at once now, shadow dropped: a removed device
+        c.call(vu.Command.DEVICE_SET_IRQS, UNMASK)  # the guest's EOI
+        assert not _eventfd_fired(efd, 0.5)  # a removed device raises nothing
+        assert not bridge.link.up
+
+        _continue(proc)
+        wait_until(lambda: c.bar_read(7) == 0x42, "the device to answer again, as it was",
+                   timeout=30, interval=0.05)
+        rec = bridge.link.recovery
+        assert rec is not None and rec.resumed == 1
+        assert list(bridge.sessions) == [1]  # the same session, the same VM id
+        # The server says the line's level again: high (THRE is still pending).
+        assert _eventfd_fired(efd, 20)
+        assert c.bar_read(2) & 0x0F == 0x02  # IIR: THRE
+        for ch in b"after\n":
+            c.bar_write(0, ch)
+        # The "!" on its way when the server stopped arrived once.
+        assert read_until(backend, b"after\n") == b"!after\n"
+        backend.close()
+    finally:
+        c.close()
+        if efd >= 0:
+            os.close(efd)
+
+
+def test_a_restarted_server_gives_the_live_session_a_new_instance(tmp_path):
+    """The server is killed and started again on the same port: the session's device
+    comes back in power-on state (as a re-plugged device), with no QEMU reconnect."""
+    port = free_port()
+    listen = ("--listen", f"127.0.0.1:{port}")
+    proc, _ = start_server("uart0=uart16550", extra=listen)
+    second = None
+    bridge = Bridge(tmp_path / "uart.sock", Target("a", "uart0"), {"a": ("127.0.0.1", port)},
+                    SERIAL, timeout=1.0).start()
+    c = VfioClient(str(bridge.socket_path))
+    try:
+        c.handshake()
+        c.bar_write(7, 0x42)
+        assert c.bar_read(7) == 0x42
+        proc.stop(signal.SIGKILL)
+        wait_until(lambda: not bridge.link.up, "the link to see the server gone")
+        assert c.bar_read(7) == 0xFF
+        second, _ = start_server("uart0=uart16550", extra=listen)
+        wait_until(lambda: c.bar_read(5) == 0x60, "the device to answer again (LSR)",
+                   timeout=30, interval=0.05)
+        assert c.bar_read(7) == 0x00  # power-on state: a new instance
+        c.bar_write(7, 0x24)
+        assert c.bar_read(7) == 0x24
+        rec = bridge.link.recovery
+        assert rec is not None and rec.resumed == 0 and rec.reconnects == 1
+    finally:
+        c.close()
+        bridge.stop()
+        proc.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_sessions_that_start_or_end_while_the_link_is_down(uart_server, tmp_path):
+    """A session that ends while the server is stopped leaves its instance there (a
+    resumed session still holds it); a QEMU that connects meanwhile gets a removed
+    device. When the link is back the old instance is released first, then the new
+    session, which took the same VM id, gets a fresh one and works."""
+    proc, port = uart_server
+    bridge = Bridge(tmp_path / "uart.sock", Target("a", "uart0"), {"a": ("127.0.0.1", port)},
+                    SERIAL, timeout=1.0).start()
+    bridge.link_wait = 0.5  # how long a new QEMU waits for the link: short, here
+    first = VfioClient(str(bridge.socket_path))
+    late = None
+    try:
+        first.handshake()
+        first.bar_write(7, 0x11)
+        assert first.bar_read(7) == 0x11
+        _stop(proc)
+        assert first.bar_read(7) == 0xFF  # the link times out
+        first.close()  # ends while the link is down: its instance cannot be released
+        wait_until(lambda: 1 not in bridge.sessions, "the first session to end")
+        assert bridge._stale == {1}
+        late = VfioClient(str(bridge.socket_path))
+        late.handshake()  # answered although the link is down
+        assert sorted(bridge.sessions) == [1]  # the same VM id
+        assert late.bar_read(7) == 0xFF
+        _continue(proc)
+        wait_until(lambda: late.bar_read(5) == 0x60, "the late session's device",
+                   timeout=30, interval=0.05)
+        assert not bridge._stale
+        assert late.bar_read(7) == 0x00  # a fresh instance, not the ended session's 0x11
+        late.bar_write(7, 0x22)
+        assert late.bar_read(7) == 0x22
+        rec = bridge.link.recovery
+        assert rec is not None and rec.resumed == 1
+    finally:
+        first.close()
+        if late is not None:
+            late.close()
+        bridge.stop()
+
+
+def test_a_cut_connection_to_an_entry_server_in_mutual_tls_is_resumed(tmp_path):
+    """The bridge's TLS connection to the entry server ``a`` drops with both ends alive
+    (a partition): the link resumes its session on a, whose route to b was kept, so
+    the device on b is found as the guest left it."""
+    keys = make_keys(tmp_path / "keys", ["a", "b"], ["client"])
+    tls = ("--tls-dir", str(keys))
+    b_proc, b_port = start_server("uart0=uart16550", server_id="b", extra=tls)
+    a_proc, a_port = start_server(server_id="a", extra=(*tls, "--peer",
+                                                        f"b=127.0.0.1:{b_port}",
+                                                        "--route", "uart0=b"))
+    br = Bridge(tmp_path / "fwd.sock", Target("b", "uart0"), {"a": ("127.0.0.1", a_port)},
+                SERIAL, vias={"b": "a"}, tls=TlsConfig(keys, "client"), timeout=1.0,
+                client_name="client").start()
+    c = VfioClient(str(br.socket_path))
+    try:
+        c.handshake()
+        c.bar_write(7, 0x5C)
+        assert c.bar_read(7) == 0x5C
+        for last in (0x5C, 0x5D):
+            t = br.link._t
+            assert t is not None
+            t.shutdown()  # the connection drops under the link
+            wait_until(lambda: not br.link.up, "the link to notice")
+            wait_until(lambda v=last: c.bar_read(7) == v, "the device as it was",
+                       timeout=30)
+            c.bar_write(7, last + 1)
+        rec = br.link.recovery
+        assert rec is not None and rec.resumed == 2
     finally:
         c.close()
         br.stop()

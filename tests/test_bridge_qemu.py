@@ -515,3 +515,116 @@ def test_qmp_hot_plug_and_a_server_restart(tmp_path, guest):
         if second is not None:
             second.stop()
     assert "Traceback" not in bridge.output(), bridge.output()
+
+
+def test_the_same_through_an_entry_server_and_with_mutual_tls(tmp_path, guest):
+    """One boot, the bridge's link in mutual TLS to an entry server ``a`` that holds no
+    UART and forwards (``--peer``/``--route``) to server ``b``, which holds it and lets
+    only the bridge's certificate use it (``--allow``): 8250_pci binds a 16550A; text
+    out arrives byte for byte at b's backend; text in is read through interrupts; b
+    decided on the name a authenticated (ORIGIN)."""
+    kernel, initrd = guest
+    keys = make_keys(tmp_path / "keys", ["a", "b"], ["qemu-host"])
+    tls = ("--tls-dir", str(keys))
+    b, b_port = start_server("uart0=uart16550,backend=tcp:127.0.0.1:0", server_id="b",
+                             extra=(*tls, "--allow", "uart0=qemu-host"))
+    a, a_port = start_server(server_id="a", extra=(*tls, "--peer", f"b=127.0.0.1:{b_port}",
+                                                   "--route", "uart0=b"))
+    sock = tmp_path / "uart.sock"
+    bridge = Proc(remote_hw_cmd("bridge", "--socket", str(sock), "--device", "b/uart0",
+                                "--server", f"a=127.0.0.1:{a_port}", "--via", "b=a", *tls,
+                                "--tls-name", "qemu-host"))
+    vm = None
+    try:
+        bridge.wait_for(r"serving b/uart0 on")
+        vm = Guest(kernel, initrd, sock)
+        vm.expect(rb"@@READY", BOOT_TIMEOUT)
+        dmesg = vm.run("dmesg | grep -E '1b36:0002|ttyS1'")
+        assert re.search(r"ttyS1 at I/O 0x[0-9a-f]+ \(irq = \d+, base_baud = 115200\) "
+                         r"is a 16550A", dmesg), dmesg
+        bridge.wait_for(r"vm 1: attached b/uart0")
+        # The request went through a, and b applied its --allow to the bridge's name.
+        b.wait_for(r"peer server a speaks for client \d+, authenticated as qemu-host")
+        assert "uart0: backend" not in a.output()  # a holds no UART
+
+        backend = connect_backend(backend_port(b, "uart0"))
+        vm.run("stty -F /dev/ttyS1 115200 raw -echo clocal -crtscts && exec 3<>/dev/ttyS1")
+        before = irq_count(vm.run("cat /proc/interrupts"))
+        vm.run(TX_CMD)
+        assert read_until(backend, TX_TEXT[-60:], timeout=STEP_TIMEOUT) == TX_TEXT
+
+        rx = b"typed at b, through a and the bridge"
+        vm.send(f"dd bs=1 count={len(rx)} <&3 2>/dev/null; echo")
+        backend.sendall(rx)
+        assert vm.expect(rb"([^\r\n]*)\r?\n@@DONE 0").group(1) == rx
+        after = irq_count(vm.run("cat /proc/interrupts"))
+        assert after > before, (before, after)
+        vm.send("poweroff -f")
+        assert vm.p.wait(STEP_TIMEOUT) == 0
+    finally:
+        if vm is not None:
+            vm.stop()
+        bridge.stop()
+        a.stop()
+        b.stop()
+    assert "Traceback" not in bridge.output(), bridge.output()
+
+
+def serial_line(vm: Guest) -> str:
+    """ttyS1's line of /proc/tty/driver/serial (its modem lines come from a read of
+    MSR: a removed device's all ones show as RI, which the UART never raises)."""
+    return vm.run("grep '^1:' /proc/tty/driver/serial").strip().splitlines()[-1]
+
+
+def test_a_stopped_server_comes_back_by_itself_under_a_live_guest(tmp_path, guest):
+    """One boot: the server is stopped (SIGSTOP) while the guest writes, long past the
+    link timeout, then continued. With no device_del/device_add, the guest sees the
+    device as removed while the server is stopped (all ones: its modem status shows
+    RI), then working again: the link resumed the session, the text written around
+    the stop arrives byte for byte, and text in is read through interrupts again."""
+    kernel, initrd = guest
+    server, port = start_server("uart0=uart16550,backend=tcp:127.0.0.1:0")
+    sock = tmp_path / "uart.sock"
+    bridge = start_bridge(sock, port)
+    vm = Guest(kernel, initrd, sock)
+    try:
+        vm.expect(rb"@@READY", BOOT_TIMEOUT)
+        assert "is a 16550A" in vm.run("dmesg | grep ttyS1")
+        backend = connect_backend(backend_port(server, "uart0"))
+        vm.run("stty -F /dev/ttyS1 115200 raw -echo clocal -crtscts && exec 3<>/dev/ttyS1")
+        vm.run("echo 'before the stop' >&3")
+        assert read_until(backend, b"\n", STEP_TIMEOUT) == b"before the stop\n"
+        assert "RI" not in serial_line(vm).split()[-1].split("|")
+
+        os.kill(server.p.pid, signal.SIGSTOP)
+        vm.run("echo 'written as the server stops' >&3")  # an IER write times out
+        bridge.wait_for(r"server a .* is gone: no answer", STEP_TIMEOUT)
+        time.sleep(2.0)  # stopped well past the 1 s timeout, the link retrying
+        assert "RI" in serial_line(vm).split()[-1].split("|")  # all ones: removed
+        assert vm.run("echo still here").strip().endswith("still here")
+
+        os.kill(server.p.pid, signal.SIGCONT)
+        bridge.wait_for(r"is back: session resumed", STEP_TIMEOUT)
+        vm.run("echo 'after the server came back' >&3")
+        want = b"written as the server stops\nafter the server came back\n"
+        assert read_until(backend, want[-27:], STEP_TIMEOUT) == want
+        assert "RI" not in serial_line(vm).split()[-1].split("|")
+
+        before = irq_count(vm.run("cat /proc/interrupts"))
+        rx = b"typed after the stop"
+        vm.send(f"dd bs=1 count={len(rx)} <&3 2>/dev/null; echo")
+        backend.sendall(rx)
+        assert vm.expect(rb"([^\r\n]*)\r?\n@@DONE 0").group(1) == rx
+        assert irq_count(vm.run("cat /proc/interrupts")) > before
+        out = bridge.output()
+        assert "vm 1: ended" not in out and out.count("vm 1: attached a/uart0") == 1
+        assert re.search(r"vm 1: a/uart0: device answers again", out), out
+        vm.send("poweroff -f")
+        assert vm.p.wait(STEP_TIMEOUT) == 0
+    finally:
+        vm.stop()
+        bridge.stop()
+        if server.p.poll() is None:
+            os.kill(server.p.pid, signal.SIGCONT)
+        server.stop()
+    assert "Traceback" not in bridge.output(), bridge.output()

@@ -47,9 +47,10 @@ def _timeout(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    # A reconnect on a new QEMU connection costs a connect and an attach before the
-    # VERSION reply: both must fit in QEMU's reply timeout, or QEMU fails the device
-    # instead of seeing a removed one.
+    # A QEMU that connects while the link is down waits for the link's reconnect
+    # (Bridge.link_wait: what the timeout leaves of QEMU's, less a second) and then an
+    # attach (one timeout) before its VERSION reply: all of it must fit in QEMU's reply
+    # timeout, or QEMU fails the device instead of seeing a removed one.
     if not 0 < value < QEMU_MSG_TIMEOUT / 2:
         raise argparse.ArgumentTypeError(
             f"{value:g} must be above 0 and below {QEMU_MSG_TIMEOUT / 2:g}, half of QEMU's "
@@ -66,7 +67,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "config space from a PCI template, BAR accesses forwarded to the "
                     "server as this VM's register accesses, the server's interrupts "
                     "delivered as INTx. Each QEMU that connects is its own VM (ids from "
-                    "--vm-id up) with its own device instance. See docs/bridge.md.")
+                    "--vm-id up) with its own device instance. A device on a server "
+                    "the bridge does not connect to is reached through an entry server "
+                    "(--via). A lost server reads as a removed device, and the link "
+                    "comes back by itself: the live sessions resume (or, after a server "
+                    "restart, get new instances) without QEMU reconnecting. See "
+                    "docs/bridge.md.")
     b.add_argument("--socket", required=True, metavar="PATH",
                    help="UNIX socket QEMU connects to: -device '{\"driver\":\"vfio-user-pci\","
                         "\"socket\":{\"type\":\"unix\",\"path\":\"PATH\"}}'")
@@ -76,8 +82,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    metavar="NAME=HOST:PORT", help="a server to connect to; repeat")
     b.add_argument("--via", type=_typed(lambda t: parse_pair(t, "SERVER=ENTRY")),
                    action="append", default=[], metavar="SERVER=ENTRY",
-                   help="reach SERVER's devices through the --server ENTRY (the entry "
-                        "forwards); repeat")
+                   help="reach SERVER's devices through the --server ENTRY (requests name "
+                        "SERVER; the entry forwards), e.g. --device b/uart0 --server "
+                        "a=HOST:PORT --via b=a; repeat")
     b.add_argument("--template", choices=sorted(TEMPLATES), default="pci-serial",
                    help="the PCI identity shown to the guest (default pci-serial: a 16550 "
                         "that Linux's 8250_pci binds)")
@@ -87,7 +94,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     b.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="how long one access may wait for the server before the device "
                         f"reads as removed (default {DEFAULT_TIMEOUT:g}; must stay below "
-                        f"half of QEMU's {QEMU_MSG_TIMEOUT:g} s x-msg-timeout)")
+                        f"half of QEMU's {QEMU_MSG_TIMEOUT:g} s x-msg-timeout: a QEMU "
+                        "that connects while the link is down waits for it up to "
+                        f"{QEMU_MSG_TIMEOUT - 1:g} s less this, then one attach)")
     b.add_argument("--tls-dir", metavar="DIR",
                    help="mutual TLS: the key directory from 'remote-hw keys' (ca.pem, "
                         "NAME.pem, NAME.key); without it connections are plain TCP")

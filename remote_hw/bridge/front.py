@@ -8,6 +8,13 @@ forwarding and the removed-device behaviour (reads all ones, writes dropped, no 
 past the link timeout) come from there unchanged. Interrupts the server pushes for the
 VM become writes to the INTx eventfd QEMU handed over (:mod:`~remote_hw.bridge.intx`).
 
+The link reconnects by itself, as the native client's (``reconnect=True``,
+:mod:`remote_hw.net.recovery`): a live session is resumed, or its instance attached
+anew after a server restart, without QEMU reconnecting. The bridge's own part
+(:meth:`Bridge._on_link_state`): lower every INTx line while the link is down, and
+when it is back, release the instances of sessions that ended meanwhile and attach
+the sessions that could not attach while it was down.
+
 Threads: one accepts connections; one per connected QEMU reads its socket and answers
 in order (vfio-user allows pipelining, and the spec asks for in-order processing, so
 one thread per socket is both simplest and correct); the links' own threads deliver
@@ -36,6 +43,7 @@ from pathlib import Path
 
 from remote_hw.bridge import fastpath
 from remote_hw.bridge import vfio_user as vu
+from remote_hw.bridge.command import QEMU_MSG_TIMEOUT
 from remote_hw.bridge.intx import IntxLine
 from remote_hw.bridge.pci import (
     CONFIG_REGION,
@@ -47,13 +55,16 @@ from remote_hw.bridge.pci import (
 )
 from remote_hw.client.agent import RemoteDevice
 from remote_hw.config import MapSpec
-from remote_hw.net.link import LinkError, ServerLink
+from remote_hw.net.link import ServerLink
 from remote_hw.net.security import TlsConfig
 from remote_hw.protocol.messages import Status
 
 log = logging.getLogger("remote_hw.bridge")
 
 _READ = fastpath.READ
+_UNREACHABLE = int(Status.UNREACHABLE)
+# What a request gets when the link, not the server, failed it.
+_LINK_FAILURES = (int(Status.UNREACHABLE), int(Status.TIMEOUT))
 _ONE = (1).to_bytes(8, "little")  # an eventfd write adds this counter value
 
 
@@ -82,6 +93,13 @@ class Session:
         self.trigger_fd: int | None = None
         self.unmask_fd: int | None = None  # KVM's resample eventfd, when QEMU uses one
         self.device: RemoteDevice | None = None
+        # Whether the server holds this VM's instance: False until an ATTACH succeeds
+        # (one refused, or tried while the link was down, is tried again whenever the
+        # link comes back). ``released`` once the session ended. Both change under the
+        # bridge's lock for this VM id (Bridge._id_lock), so that a late attach never
+        # re-creates an instance the session gave back.
+        self.attached = False
+        self.released = False
         self.error: str | None = None
         self.closed = threading.Event()
         self.thread: threading.Thread | None = None
@@ -99,7 +117,7 @@ class Session:
 
     def run(self) -> None:
         try:
-            self.device = self.bridge.attach(self.vm_id)
+            self.bridge.attach(self)
             self._serve()
         except vu.VfioUserError as e:
             self.error = str(e)
@@ -385,6 +403,14 @@ class Session:
             if self.intx.set_level(level):
                 self._signal()
 
+    def link_lost(self) -> None:
+        """The link went down: a removed device raises no interrupt. Without this a
+        line left high would fire again at every EOI while the guest's handler reads
+        all ones (an interrupt storm, and Linux would disable the IRQ: "nobody
+        cared"). The server sends the real level again when the session resumes."""
+        with self.lock:
+            self.intx.set_level(False)
+
     def _signal(self) -> None:
         # Under self.lock. A full eventfd counter (never, in practice) or a closed fd
         # must not take the link's thread down.
@@ -425,10 +451,25 @@ class Bridge:
         if link_name is None or link_name not in servers:
             raise ValueError(f"no --server (or --via) for server {target.server!r}")
         self.server_id = "" if link_name == target.server else target.server
-        self.link = link_factory(link_name, servers[link_name], client_name=client_name,
-                                 timeout=timeout, on_interrupt=self._on_interrupt, tls=tls)
         self.sessions: dict[int, Session] = {}
-        self._lock = threading.Lock()  # sessions, vm ids, (re)connecting the link
+        self._lock = threading.Lock()  # sessions and vm ids
+        # VM ids of ended sessions whose instance could not be released (the link was
+        # down): detached when the link is back, before a new session of the same id
+        # attaches. Every detach and attach of one VM id happens under its _id_lock.
+        self._stale: set[int] = set()
+        self._id_locks: dict[int, threading.Lock] = {}
+        self._link_cond = threading.Condition()  # notified when the link goes up or down
+        # A QEMU that connects while the link is down waits this long for it to come
+        # back before its VERSION reply (then the attach, up to one timeout): both
+        # inside QEMU's x-msg-timeout, with a second to spare.
+        self.link_wait = max(0.0, QEMU_MSG_TIMEOUT - 1.0 - timeout)
+        # reconnect=True, as the native client's links: a lost connection is brought
+        # back by the link itself (remote_hw/net/recovery.py), its session resumed
+        # (the devices as the guests left them) or, after a server restart, every
+        # attached instance attached anew; _on_link_state does the bridge's part.
+        self.link = link_factory(link_name, servers[link_name], client_name=client_name,
+                                 timeout=timeout, on_interrupt=self._on_interrupt,
+                                 on_state=self._on_link_state, tls=tls, reconnect=True)
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -460,6 +501,8 @@ class Bridge:
 
     def stop(self) -> None:
         self._stopping.set()
+        with self._link_cond:
+            self._link_cond.notify_all()  # an attach waiting for the link gives up
         if self._accept_thread is not None:
             self._accept_thread.join(timeout=5)
         if self._listener is not None:
@@ -502,49 +545,116 @@ class Bridge:
 
     # -- the remote device --------------------------------------------------------
 
-    def attach(self, vm_id: int) -> RemoteDevice:
-        """Give ``vm_id`` its instance of the device (reconnecting a dead link first).
+    def attach(self, session: Session) -> None:
+        """Give ``session``'s VM its instance of the device (``session.device``).
 
-        A failure is logged and the device reads as removed; the session still
-        answers QEMU, so the guest boots and sees no UART instead of hanging.
+        While the link is down (its own thread is bringing it back) this waits up to
+        ``link_wait`` for it, so that a QEMU plugged right after its server came back
+        gets a working device. A failure is logged and the device reads as removed;
+        the session still answers QEMU, so the guest boots and sees no UART instead of
+        hanging, and the attach is tried again when the link comes back.
         """
         window = self.template.window.get(0, 8)
         spec = MapSpec("port", 0, window - 1, self.target.server, self.target.device)
-        dev = RemoteDevice(self.link, vm_id, spec, self.server_id)
-        dev.label = f"vm {vm_id}: {self.target}"
+        dev = RemoteDevice(self.link, session.vm_id, spec, self.server_id)
+        dev.label = f"vm {session.vm_id}: {self.target}"
+        session.device = dev
+        if not self.link.up and self.link.recovery is not None:
+            with self._link_cond:
+                self._link_cond.wait_for(lambda: self.link.up or self._stopping.is_set(),
+                                         self.link_wait)
+        self._attach(session)
+
+    def _id_lock(self, vm_id: int) -> threading.Lock:
         with self._lock:
-            if not self.link.up:
-                # QEMU waits x-msg-timeout (5 s) for its VERSION reply, which waits for
-                # this: connect and attach get one link timeout each (the CLI keeps the
-                # timeout under half of QEMU's).
-                try:
-                    self.link.connect(connect_timeout=self.timeout)
-                except LinkError as e:
-                    log.error("vm %d: %s; the device reads as removed", vm_id, e)
-                    dev.failing = True
-                    return dev
-        status = self.link.attach(vm_id, self.target.device, self.server_id)
-        if status != Status.OK:
-            name = Status(status).name if status in Status._value2member_map_ else status
-            log.error("vm %d: server %s refused device %s: %s; it reads as removed",
-                      vm_id, self.link.name, self.target, name)
-            dev.failing = True
-        else:
+            return self._id_locks.setdefault(vm_id, threading.Lock())
+
+    def _attach(self, session: Session) -> None:
+        """ATTACH unless done (or the session ended); on failure the device reads as
+        removed until the link's next return tries again."""
+        dev = session.device
+        assert dev is not None
+        vm_id = session.vm_id
+        with self._id_lock(vm_id):
+            if session.released or session.attached:
+                return
+            # An ended session of the same id whose instance the server may still
+            # hold (the link was down when it ended) goes first.
+            status = self._release_stale(vm_id)
+            if status == Status.OK:
+                for _ in range(2):  # once more if the link broke under it and is back
+                    status = self.link.attach(vm_id, self.target.device, self.server_id)
+                    if status not in _LINK_FAILURES or not self.link.up:
+                        break
+            session.attached = status == Status.OK
+        if session.attached:
             log.info("vm %d: attached %s", vm_id, self.target)
-        return dev
+            return
+        dev.failing = True  # its first success logs "device answers again"
+        if status in _LINK_FAILURES:
+            log.error("vm %d: server %s cannot be reached (%s); %s reads as removed until "
+                      "the link is back", vm_id, self.link.name,
+                      self.link.down_reason or Status(status).name, self.target)
+        else:
+            name = Status(status).name if status in Status._value2member_map_ else status
+            log.error("vm %d: server %s refused device %s: %s; it reads as removed (tried "
+                      "again when the link comes back)", vm_id, self.link.name,
+                      self.target, name)
+
+    def _release_stale(self, vm_id: int) -> int:
+        """Under ``vm_id``'s lock: detach the instance an ended session of that id left
+        on the server, if any. OK, or the link failure that keeps it for later."""
+        with self._lock:
+            if vm_id not in self._stale:
+                return Status.OK
+        status = self.link.detach(vm_id)
+        if status in _LINK_FAILURES:
+            return status
+        with self._lock:
+            self._stale.discard(vm_id)
+        log.info("vm %d: the instance of the ended session is released", vm_id)
+        return Status.OK
 
     def release(self, session: Session) -> None:
         """A session ended: free its VM id and the server's instance."""
         # Detach before the id is free again: a QEMU connecting meanwhile would get the
-        # same id, and a later detach would take its new instance away.
-        if self.link.up:
-            self.link.detach(session.vm_id)
-        with self._lock:
-            if self.sessions.get(session.vm_id) is session:
-                del self.sessions[session.vm_id]
+        # same id, and a later detach would take its new instance away. With the link
+        # down the instance stays on the server (a resumed session still holds it)
+        # and is detached when the link is back, before that id attaches again.
+        vm_id = session.vm_id
+        with self._id_lock(vm_id):
+            session.released = True
+            session.attached = False
+            status = self.link.detach(vm_id)  # UNREACHABLE at once when down
+            with self._lock:
+                if self.sessions.get(vm_id) is session:
+                    del self.sessions[vm_id]
+                if status in _LINK_FAILURES:
+                    self._stale.add(vm_id)
         fwd = session.device.forwarded if session.device else 0
         log.info("%s: ended (%d BAR accesses forwarded, %d INTx triggers, %d unmasks)",
                  session.label, fwd, session.intx.triggers, session.intx.unmasks)
+
+    def _on_link_state(self, link: ServerLink, up: bool, how: str) -> None:
+        """The link went down or came back (called on the thread that saw it; back:
+        on the link's reconnect thread, with the session already resumed or its
+        instances attached again)."""
+        with self._link_cond:
+            self._link_cond.notify_all()
+        with self._lock:
+            sessions = list(self.sessions.values())
+            stale = sorted(self._stale)
+        if not up:
+            for s in sessions:
+                s.link_lost()
+            return
+        for vm_id in stale:
+            with self._id_lock(vm_id):
+                if self._release_stale(vm_id) in _LINK_FAILURES:
+                    return  # down again: its next return goes on from here
+        for s in sessions:
+            if not s.attached and s.device is not None:
+                self._attach(s)
 
     def _on_interrupt(self, vm_id: int, device: str, line: int, level: bool,
                       client_id: int) -> None:

@@ -183,6 +183,33 @@ def test_bus_drain_listeners_in_order():
         bus.on_drain(42)
 
 
+def test_bus_batches_open_only_around_drains_of_several_writes():
+    """A (before, after) pair (a link's cork/uncork) brackets drains of more than one
+    write; a drain of one write needs no batch and costs no cork."""
+    bus = Bus(debug_exit_port=None)
+    calls: list = []
+    bus.on_drain(lambda: calls.append("after"), before=lambda: calls.append("before"))
+    bus.on_drain(lambda: calls.append("always"))
+    bus.before_drain(1)
+    bus.after_drain()
+    assert calls == ["always"]
+    calls.clear()
+    bus.before_drain(3)
+    bus.after_drain()
+    assert calls == ["before", "always", "after"]
+    calls.clear()
+    bus.after_drain()  # no batch open: the pair's after is not called
+    assert calls == ["always"]
+
+
+def test_ring_tells_before_how_many_writes_wait():
+    entries = [(0x3F8, 1, 1, v) for v in (1, 2, 3)]
+    _buf, ring = fake_ring(0, entries)
+    seen: list = []
+    assert ring.drain(lambda *a: None, lambda *a: None, None, seen.append) == 3
+    assert seen == [3]
+
+
 # ------------------------------------------------------------------ real guests
 
 

@@ -181,3 +181,47 @@ def test_device_server_gone_and_back(caplog):
         link.close()
         a.stop()
         b.stop()
+
+
+def test_a_vm_waiting_for_a_stopped_server_does_not_hold_up_another_vm():
+    """Two VMs of one client over one connection to entry server a: VM 1's access to
+    a device on server b waits while b is stopped; VM 2's access to a device on a is
+    answered meanwhile, and VM 1's completes once b continues (its connection's
+    reading moved to another thread while VM 1's call waited)."""
+    import os
+    import signal
+    import threading
+
+    from helpers import start_server, wait_until
+
+    proc, port = start_server("uart0=uart16550", server_id="b")
+    a = Server(Controller("a", [DeviceSpec("rtc0", "cmos-rtc")]), "127.0.0.1", 0,
+               directory=StaticDirectory({"b": ("127.0.0.1", port)}, {"uart0": "b"}),
+               forward_timeout=30.0).start()
+    link = ServerLink("a", a.address, timeout=60.0).connect()
+    stopped = False
+    try:
+        assert link.attach(1, "uart0") == Status.OK
+        assert link.attach(2, "rtc0") == Status.OK
+        assert link.io(1, "uart0", PORT, 7, 1, W, 0x3C)[0] == Status.OK
+        os.kill(proc.p.pid, signal.SIGSTOP)
+        stopped = True
+        answers: list = []
+        vm1 = threading.Thread(target=lambda: answers.append(
+            link.io(1, "uart0", PORT, 7, 1, R)))
+        vm1.start()
+        peer = a.router.forwarder._links["b"]
+        wait_until(lambda: peer._pending, "VM 1's request to reach b's link")
+        assert link.io(2, "rtc0", PORT, 0, 1, W, 0x0B)[0] == Status.OK
+        assert link.io(2, "rtc0", PORT, 1, 1, R)[0] == Status.OK
+        assert vm1.is_alive() and answers == []  # still waiting for b
+        os.kill(proc.p.pid, signal.SIGCONT)
+        stopped = False
+        vm1.join(30)
+        assert answers == [(Status.OK, 0x3C)]
+    finally:
+        if stopped:
+            os.kill(proc.p.pid, signal.SIGCONT)
+        link.close()
+        a.stop()
+        proc.stop()

@@ -69,6 +69,9 @@ _WRITE = int(m.Direction.WRITE)
 #: The longest ERROR text accepted from a peer (bytes); a longer one closes the
 #: connection (our own are a line; a peer has no reason to send pages).
 MAX_PEER_ERROR_TEXT = 1024
+#: At most this many of one connection's forwarded calls wait at once on threads of
+#: their own (_hand_off); beyond it the reader waits for its call itself, as before.
+MAX_WORKERS = 16
 
 
 def _forward_post(router: Any, *args: Any) -> tuple[int, int]:
@@ -164,8 +167,16 @@ class ClientSession:
         self.origin_names: dict[int, str] = {}
         # The C fast path (remote_hw/net/fastio.py): plain TCP, from the handshake on.
         self._fast = False
-        # Set when this connection's thread has finished (a resume waits for it).
+        # Set when this connection's threads have finished (a resume waits for it).
         self.finished = threading.Event()
+        # Who reads the client's requests (see _hand_off): the reader's thread ident,
+        # the spare waiting for its turn, workers in a forwarded call.
+        self._reader = 0
+        self._turn = threading.Condition(threading.Lock())
+        self._handed = False
+        self._spares = 0
+        self._workers = 0
+        self._vms: set[int] = set()  # VMs this client attached devices for
 
     # -- SessionSink --------------------------------------------------------------
 
@@ -310,25 +321,110 @@ class ClientSession:
     # -- the connection thread --------------------------------------------------
 
     def run(self) -> None:
-        self._thread_id = threading.get_ident()
+        """The connection's thread: it reads the client's requests until the
+        connection ends, or until it hands the reading on (see :meth:`_hand_off`)."""
+        self._reader = self._thread_id = threading.get_ident()
+        self._read()
+
+    def _read(self) -> None:
+        """Serve as the reader; when handed off, wait to be the reader again."""
+        while True:
+            ended = True
+            try:
+                ended = self._serve()
+            except ProtocolError as e:
+                log.warning("%s (client %d %s): protocol error, closing: %s",
+                            self.peer, self.client_id, self.name, e)
+                self._send_raw(self.conn.error_frame(e))
+            except _Closing as e:
+                self.server.closing_log("%s (client %d, %s): closing: %s", self.peer,
+                                        self.client_id, self.name, e)
+            except OSError as e:
+                log.info("%s (client %d): connection lost: %s", self.peer, self.client_id,
+                         e)
+            except Exception:
+                log.exception("%s: internal error, closing this connection", self.peer)
+            if ended:
+                self._end()
+                return
+            if not self._await_turn():
+                return
+
+    # -- handing the reading on (forwarded calls) --------------------------------------
+    #
+    # Why: a request for a device held elsewhere waits for a round trip to its server.
+    # Handled inline, it would hold up every other VM of this client behind it (an
+    # agent runs many VMs over one connection). So before such a call, a reader of a
+    # client with several VMs hands the reading of the connection to a spare thread and
+    # makes the call as a worker; when it has answered, it becomes the spare. The call
+    # itself is made exactly as before (this thread still reads the peer's answer), so
+    # it costs no extra wake-up on its own path; only the spare's wake-up, in parallel.
+
+    def _hand_off(self) -> bool:
+        """Let another thread read the client's requests while this one waits for a
+        forwarded call; False (keep reading here) when it would not pay."""
+        if len(self._vms) < 2 or self._workers >= MAX_WORKERS or self.closed:
+            return False
+        with self._turn:
+            self._workers += 1
+            self._reader = 0  # nobody until a spare takes it; this thread stops reading
+            self._handed = True
+            if self._spares:
+                self._turn.notify()
+                return True
         try:
-            self._serve()
-        except ProtocolError as e:
-            log.warning("%s (client %d %s): protocol error, closing: %s",
-                        self.peer, self.client_id, self.name, e)
-            self._send_raw(self.conn.error_frame(e))
-        except _Closing as e:
-            self.server.closing_log("%s (client %d, %s): closing: %s", self.peer,
-                                    self.client_id, self.name, e)
-        except OSError as e:
-            log.info("%s (client %d): connection lost: %s", self.peer, self.client_id, e)
-        except Exception:
-            log.exception("%s: internal error, closing this connection", self.peer)
-        finally:
-            self.close()
+            threading.Thread(target=self._spare_main, name=f"session-{self.client_id}",
+                             daemon=True).start()
+        except RuntimeError:  # the machine's thread limit: take the turn back
+            with self._turn:
+                self._workers -= 1
+                self._handed = False
+                self._reader = threading.get_ident()
+            return False
+        return True
+
+    def _done_working(self) -> None:
+        with self._turn:
+            self._workers -= 1
+            last = self.closed and not self._workers
+        if last:
             self.finished.set()
 
-    def _serve(self) -> None:
+    def _spare_main(self) -> None:
+        if self._await_turn():
+            self._read()
+
+    def _await_turn(self) -> bool:
+        """As the spare: wait until the reading is handed here (True) or the
+        connection has ended (False). One spare is enough; others end."""
+        with self._turn:
+            if self._spares:
+                return False
+            self._spares += 1
+            try:
+                while not self._handed and not self.closed:
+                    self._turn.wait()
+            finally:
+                self._spares -= 1
+            if self.closed:
+                return False
+            self._handed = False
+            self._reader = self._thread_id = threading.get_ident()
+            return True
+
+    def _end(self) -> None:
+        """The connection ended: close it; ``finished`` once no call is in progress."""
+        self.close()
+        with self._turn:
+            self._turn.notify_all()
+            last = not self._workers
+        if last:
+            self.finished.set()
+
+    def _serve(self) -> bool:
+        """Read and answer requests; True when the connection ended, False when the
+        reading was handed to another thread."""
+        me = threading.get_ident()
         t, conn = self.t, self.conn
         recv = t.recv_raw
         handlers = self._handlers
@@ -337,24 +433,35 @@ class ClientSession:
         io = self._io
         post = self._post
         recv_io, fileno, io_fields = fastio.recv_io, t.fileno, IoRequestFields
+        # Frames a reader before this one had read: answered before reading more.
+        take_buffered = bool(conn.buffered)
         while True:
             self.rx += 1  # progress, for the watchdog's idle timeout
-            if self._fast and not conn.buffered:
+            if take_buffered:
+                take_buffered = False
+            elif self._fast and not conn.buffered:
                 # C: read once; a lone valid IO_REQUEST comes back as its fields, and
                 # anything else as bytes for the Connection below.
                 data = recv_io(fileno())
                 if type(data) is io_fields:
                     io(data)
+                    if self._reader != me:
+                        return False
                     continue
+                if data is None:
+                    continue
+                conn.receive_data(data)
             else:
                 data = recv(65536)
-            if data is None:
-                continue
-            conn.receive_data(data)
+                if data is None:
+                    continue
+                conn.receive_data(data)
             while True:
                 f = next_io()  # the common frame, without building a message object
                 if f is not None:
                     io(f)
+                    if self._reader != me:
+                        return False
                     if conn.buffered:
                         continue
                     break
@@ -370,7 +477,7 @@ class ClientSession:
                 if ev is CLOSED:
                     log.info("%s (client %d, %s): disconnected", self.peer, self.client_id,
                              self.name)
-                    return
+                    return True
                 handler = handlers.get(type(ev))
                 if handler is None:
                     raise ProtocolError(ErrorCode.UNEXPECTED,
@@ -480,11 +587,16 @@ class ClientSession:
             forward = self._router.forward_io
             args = (who[0], vm_id, device, server_id, kind, offset, size, direction, data,
                     hops)
-            if self._window is not None and direction == _WRITE:  # a retry: apply once
-                status, value = self._window.once(rid, forward, *args)
-            else:
-                status, value = forward(*args)
-            self._feedback(rid, vm_id, status, size, value)
+            working = self._hand_off()  # other VMs' requests need not wait for this one
+            try:
+                if self._window is not None and direction == _WRITE:  # a retry: once
+                    status, value = self._window.once(rid, forward, *args)
+                else:
+                    status, value = forward(*args)
+                self._feedback(rid, vm_id, status, size, value)
+            finally:
+                if working:
+                    self._done_working()
         else:
             self._local(rid, vm_id, who[0], device, offset, size, direction, data)
 
@@ -548,6 +660,8 @@ class ClientSession:
                         req.device_id)
         else:
             local, sink = who
+            if len(self._vms) < MAX_WORKERS:
+                self._vms.add(req.vm_id)
             applied = getattr(sink, "applied", None)
             if applied is not None:  # a new attachment counts its POSTs from 0
                 applied.pop((req.vm_id, req.device_id), None)

@@ -76,7 +76,9 @@ class Bus:
         # Called after each drain of the coalesced ring that delivered writes (a tuple,
         # replaced whole by on_drain, so the vCPU thread never sees it half-changed).
         self._drain_listeners: tuple[Callable[[], Any], ...] = ()
-        self._drain_openers: tuple[Callable[[], Any], ...] = ()
+        # (before, after) pairs around a drain of more than one write (on_drain).
+        self._drain_batches: tuple[tuple[Callable[[], Any], Callable[[], Any]], ...] = ()
+        self._batch_open = False
         self.debug_exit_port = debug_exit_port
         if debug_exit_port is not None:
             self.map_ports(debug_exit_port, debug_exit_port, DebugExit())
@@ -201,21 +203,30 @@ class Bus:
                  before: Callable[[], Any] | None = None) -> None:
         """Call ``callback()`` (in the vCPU thread) after every drain of the coalesced
         ring that delivered at least one write: the end of a batch of coalesced writes,
-        all of them already passed to their handlers' ``write``; and ``before()``, if
-        given, before the first of them (a link corks, then sends the batch at once)."""
+        all of them already passed to their handlers' ``write``. With ``before``, the
+        two are a pair called around drains of more than one write only (a link corks
+        before and sends the batch at once after; one write needs no batch)."""
         if not callable(callback) or (before is not None and not callable(before)):
             raise TypeError(f"{callback!r} / {before!r} is not callable")
         with self._lock:
-            self._drain_listeners += (callback,)
-            if before is not None:
-                self._drain_openers += (before,)
+            if before is None:
+                self._drain_listeners += (callback,)
+            else:
+                self._drain_batches += ((before, callback),)
 
-    def before_drain(self) -> None:
-        """A drain is about to deliver writes: call the openers, in registration order."""
-        for callback in self._drain_openers:
-            callback()
+    def before_drain(self, count: int) -> None:
+        """A drain is about to deliver ``count`` writes: open the batches if several."""
+        if count > 1 and self._drain_batches:
+            self._batch_open = True
+            for before, _ in self._drain_batches:
+                before()
 
     def after_drain(self) -> None:
-        """A drain delivered writes: call the drain listeners, in registration order."""
+        """A drain delivered writes: call the drain listeners, in registration order,
+        and close the batches ``before_drain`` opened."""
         for callback in self._drain_listeners:
             callback()
+        if self._batch_open:
+            self._batch_open = False
+            for _, after in self._drain_batches:
+                after()

@@ -196,20 +196,21 @@ class CoalescedRing:
 
     def drain(self, port_write: Write, mmio_write: Write,
               after: Callable[[], Any] | None = None,
-              before: Callable[[], Any] | None = None) -> int:
+              before: Callable[[int], Any] | None = None) -> int:
         """Deliver every write in the ring, oldest first, to ``port_write(port, size,
         value)`` or ``mmio_write(addr, size, value)``; return how many.
 
         ``first`` is written back once, at the end. If a callback raises, the writes
         before it and its own are consumed, the rest stay for the next drain, and the
         exception propagates. ``after()`` is called once when at least one write was
-        delivered (also when a callback raised); ``before()`` once before the first.
+        delivered (also when a callback raised); ``before(n)`` once before the first,
+        with how many are waiting.
         """
         first, last = self._head(self._buf, self._first)
         if first == last:           # the common case, once per exit: keep it short
             return 0
         if before is not None:
-            before()
+            before((last - first) % self.size)
         return self._deliver(first, last, port_write, mmio_write, after)
 
     def _deliver(self, first: int, last: int, port_write: Write, mmio_write: Write,

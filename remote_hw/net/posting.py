@@ -63,10 +63,13 @@ class DeviceShadow:
             reads[low.bit_length() - 1] = (values >> (8 * n)) & 0xFF
             mask ^= low
             n += 1
-        # Applied is the server's count mod 2**32; ours is exact.
-        behind = (self.sent - msg.applied) & _U32
-        if behind <= self.sent:
-            self.confirm(self.sent - behind)
+        # Applied is the server's count mod 2**32; ours is exact. One read of ``sent``:
+        # the vCPU thread may post meanwhile, and a POST sent after this SHADOW left
+        # the server must not count as applied.
+        sent = self.sent
+        behind = (sent - msg.applied) & _U32
+        if behind <= sent:
+            self.confirm(sent - behind)
         self.window = msg.window
         self.posted = msg.posted if msg.window else 0
         self.reads = reads
@@ -74,11 +77,13 @@ class DeviceShadow:
     def confirm(self, upto: int) -> None:
         """POSTs up to number ``upto`` are known applied."""
         if upto > self.confirmed:
-            self.confirmed = upto
             kept = self.kept
             if kept is not None:
-                while len(kept) > self.sent - upto:
+                # ``kept`` holds POSTs confirmed+1 .. sent, oldest first; drop those
+                # up to ``upto`` (counted here, as the vCPU may append meanwhile).
+                for _ in range(min(upto - self.confirmed, len(kept))):
                     kept.popleft()
+            self.confirmed = upto
 
     def may_post(self, offset: int, size: int) -> bool:
         """Whether a write of ``size`` bytes at ``offset`` may be posted now."""

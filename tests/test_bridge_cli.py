@@ -92,3 +92,46 @@ def test_the_documented_qemu_device_and_qmp_commands_are_valid_json():
         pos = end
     assert [o["execute"] for o in objs] == ["qmp_capabilities", "device_add", "device_del"]
     assert objs[1]["arguments"]["driver"] == "vfio-user-pci"
+
+
+@pytest.mark.parametrize("extra, posted", [([], True), (["--no-posting"], False)])
+def test_no_posting_reaches_the_bridges_link(tmp_path, monkeypatch, extra, posted):
+    """``--no-posting`` as ``remote-hw vm``'s: the bridge's ServerLink is made with
+    posting=False, so against a real server (in this process) POSTED is not
+    negotiated and every BAR access waits; without it, POSTED is."""
+    import remote_hw.bridge.front as front
+    import remote_hw.signals as signals
+    from remote_hw.cli import build_parser
+    from remote_hw.config import DeviceSpec
+    from remote_hw.protocol import messages as m
+    from remote_hw.server.controller import Controller
+    from remote_hw.server.listener import Server
+
+    srv = Server(Controller("a", [DeviceSpec("uart0", "uart16550")]), "127.0.0.1", 0).start()
+    made: list[front.Bridge] = []
+    seen: dict[str, object] = {}
+
+    class Recorded(front.Bridge):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    def served(stop) -> None:  # instead of waiting for SIGTERM: look, then return
+        link = made[0].link
+        seen.update(posting=link.posting, offered=link.offered_features,
+                    features=link.features)
+
+    monkeypatch.setattr(front, "Bridge", Recorded)
+    monkeypatch.setattr(signals, "wait_for_signal", served)
+    try:
+        args = build_parser().parse_args(
+            ["bridge", "--socket", str(tmp_path / "b.sock"), "--device", "a/uart0",
+             "--server", f"a=127.0.0.1:{srv.address[1]}", *extra])
+        assert args.posting is posted
+        assert args.func(args) == 0
+    finally:
+        srv.stop()
+    assert seen["posting"] is posted
+    assert bool(seen["offered"] & m.FEATURE_POSTED) is posted
+    assert bool(seen["features"] & m.FEATURE_POSTED) is posted
+    assert seen["features"] & m.FEATURE_RESUME  # the rest of the negotiation unchanged

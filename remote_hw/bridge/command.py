@@ -3,7 +3,7 @@
 Kept out of cli.py/commands.py (cli.py only calls :func:`add_parser`): the bridge is a
 client of its own kind (QEMU's VMs instead of remote-hw's monitor), and its options
 read as the ``vm`` command's where they mean the same thing (``--server``, ``--via``,
-``--vm-id``, ``--timeout``, ``--tls-dir``).
+``--vm-id``, ``--timeout``, ``--no-posting``, ``--tls-dir``).
 """
 
 from __future__ import annotations
@@ -97,6 +97,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         f"half of QEMU's {QEMU_MSG_TIMEOUT:g} s x-msg-timeout: a QEMU "
                         "that connects while the link is down waits for it up to "
                         f"{QEMU_MSG_TIMEOUT - 1:g} s less this, then one attach)")
+    b.add_argument("--no-posting", dest="posting", action="store_false",
+                   help="wait for the server's answer to every access: do not post writes "
+                        "or answer shadowed registers locally (docs/protocol.md)")
     b.add_argument("--tls-dir", metavar="DIR",
                    help="mutual TLS: the key directory from 'remote-hw keys' (ca.pem, "
                         "NAME.pem, NAME.key); without it connections are plain TCP")
@@ -145,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         return _usage_error("argument --tls-name: needs --tls-dir")
     bridge = Bridge(args.socket, Target(server, device), servers, TEMPLATES[args.template],
                     vias=vias, tls=tls, timeout=args.timeout, first_vm_id=args.vm_id,
-                    client_name=tls.name if tls else "bridge")
+                    client_name=tls.name if tls else "bridge", posting=args.posting)
     try:
         bridge.start()
     except LinkError as e:

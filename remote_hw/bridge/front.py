@@ -437,6 +437,7 @@ class Bridge:
                  servers: dict[str, tuple[str, int]], template: Template, *,
                  vias: dict[str, str] | None = None, tls: TlsConfig | None = None,
                  timeout: float = 1.0, first_vm_id: int = 1, client_name: str = "bridge",
+                 posting: bool = True,
                  link_factory: Callable[..., ServerLink] = ServerLink) -> None:
         self.socket_path = Path(socket_path)
         self.target = target
@@ -467,9 +468,12 @@ class Bridge:
         # back by the link itself (remote_hw/net/recovery.py), its session resumed
         # (the devices as the guests left them) or, after a server restart, every
         # attached instance attached anew; _on_link_state does the bridge's part.
+        # posting=False (--no-posting): the link does not offer POSTED, so every BAR
+        # access waits for the server's answer (docs/protocol.md).
         self.link = link_factory(link_name, servers[link_name], client_name=client_name,
                                  timeout=timeout, on_interrupt=self._on_interrupt,
-                                 on_state=self._on_link_state, tls=tls, reconnect=True)
+                                 on_state=self._on_link_state, tls=tls, reconnect=True,
+                                 posting=posting)
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()

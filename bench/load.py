@@ -9,21 +9,36 @@ own UART's scratch register in a loop for ``--seconds``; it reports accesses/s a
 the p99 latency of one access. Each N runs in two conditions, alternately:
 
 * **quiet**: nothing else talks to the server;
-* **hostile**: a separate process holds (tries to hold) ``--idle`` connections that
-  never say HELLO, from 16 loopback addresses (127.0.0.2 ...), re-opening once a
-  second each one the server refused or closed; and a client attached to a *shared*
-  UART for 100 VM ids, whose receive buffer is 4 KB and which never reads, while the
-  same process toggles that UART's interrupt 50 times a second (100 INTERRUPT frames
-  per edge for the client that does not read).
+* **hostile**: the load's link is connected first (as an agent's is before an
+  attack: once the server is full, a new client waits for a slot the handshake
+  deadline frees); then a separate process holds (tries to hold) ``--idle``
+  connections that never say HELLO, from 16 loopback addresses (127.0.0.2 ...),
+  re-opening once a second each one the server refused or closed; and a client
+  attached to a *shared* UART for 100 VM ids, whose receive buffer is 4 KB and which
+  never reads (attached again whenever the server disconnects it), while the same
+  process toggles that UART's interrupt 50 times a second (for the client that does
+  not read, 100 INTERRUPT frames per edge, and as many SHADOW frames). The load
+  starts once the idle connections fill the server (or after 12.5 s).
 
 It prints, per N, both figures (medians) and the ratios quiet/hostile of the
-throughput and hostile/quiet of the p99 (goal: both <= 1.2), and how many idle
-connections the hostile process had open at most (the server refuses those beyond
-its limits: 64 per address, 512 in all by default). Loopback only; the server runs
-with its default limits. Each pair is run ``--rounds`` times and the ratios are the
-medians of the paired ones, since the machine's speed drifts. Bounded: every phase
-has a deadline, the hostile process is killed after each figure, and the whole run
-stops by itself (about ``len(vms) * rounds * (2 * seconds + 4)`` s: 90 s by default).
+throughput and hostile/quiet of the p99 (goal: both <= 1.2), and how many
+connections the server had open at most during the hostile figure (``ss``: those
+admitted, at most 512 by default, and those waiting in its listen queue). Loopback
+only; the server runs with its default limits. Each pair is run ``--rounds`` times
+and the ratios are the medians of the paired ones, since the machine's speed
+drifts. After each hostile figure the benchmark waits until the server has dropped
+what the hostile process left, so the next quiet figure does not pay for it.
+Bounded: every phase has a deadline, the hostile process is killed after each
+figure, and the whole run stops by itself (about ``len(vms) * rounds * (2 * seconds
++ 3)`` s: 75 s by default; at most 25 s more per figure, for the ramp and the
+teardown).
+
+Fixed on 2026-12-04 (docs/performance.md): the idle connections' peek waited up to
+1 s on each silent socket (a timeout was set, and Python polls before a recv with
+one, MSG_DONTWAIT or not), so the process re-opened about 100 connections a second
+instead of ~500; the client that does not read never came back once disconnected
+(its unread bytes hid the end of the stream from the peek); the load's link,
+connected after the idle connections, was at times refused (server full).
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ import argparse
 import os
 import re
 import resource
+import select
 import signal
 import socket
 import statistics
@@ -49,6 +65,8 @@ from remote_hw.protocol import NEED_DATA, Connection, Role  # noqa: E402
 from remote_hw.protocol import messages as m  # noqa: E402
 
 SCRATCH = 7
+#: the server's --max-connections (its default): the hostile process fills it
+FULL = 512
 
 
 def _raise_fd_limit() -> None:
@@ -59,22 +77,28 @@ def _raise_fd_limit() -> None:
 
 # ------------------------------------------------------------------ the hostile side
 
-def _raw_client(port: int, rcvbuf: int | None = None) -> tuple[socket.socket, Connection]:
-    s = socket.socket()
-    if rcvbuf:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    s.settimeout(5)
-    s.connect(("127.0.0.1", port))
-    conn = Connection(Role.CLIENT)
-    s.sendall(conn.send(m.Hello(name="hostile")))
+def _raw_client(port: int, rcvbuf: int | None = None, deadline: float | None = None
+                ) -> tuple[socket.socket, Connection]:
+    """A client through its WELCOME. Until ``deadline``, a refusal (the server full
+    of the idle connections) is retried every 0.1 s instead of ending the thread."""
     while True:
+        s = socket.socket()
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+        conn = Connection(Role.CLIENT)
+        s.sendall(conn.send(m.Hello(name="hostile")))
         ev = conn.next_event()
-        if ev is NEED_DATA:
+        while ev is NEED_DATA:
             conn.receive_data(s.recv(65536))
-            continue
-        if not isinstance(ev, m.Welcome):
+            ev = conn.next_event()
+        if isinstance(ev, m.Welcome):
+            return s, conn
+        s.close()
+        if deadline is None or time.monotonic() > deadline:
             raise SystemExit(f"hostile: no WELCOME: {ev}")
-        return s, conn
+        time.sleep(0.1)
 
 
 def hostile(port: int, idle: int, seconds: float, parts: str = "all") -> None:
@@ -104,32 +128,38 @@ def hostile(port: int, idle: int, seconds: float, parts: str = "all") -> None:
                     n.bind((sources[i], 0))
                     n.settimeout(1)
                     n.connect(("127.0.0.1", port))
+                    # Non-blocking from now on: with a timeout set, Python polls
+                    # up to it before a recv, MSG_DONTWAIT or not, and the peek
+                    # above waited 1 s on every silent socket (so the process
+                    # re-opened about 100 connections a second, not ~500).
+                    n.setblocking(False)
                     held[i] = n
                 except OSError:
                     pass
             time.sleep(1.0)   # holding, not hammering: re-open what was closed each second
 
+    attached = threading.Event()
+
     def stopped_reader() -> None:
         while time.monotonic() < deadline:
-            s, conn = _raw_client(port, rcvbuf=4096)
+            s, conn = _raw_client(port, rcvbuf=4096, deadline=deadline)
             out = b"".join(conn.send(m.Attach(request_id=vm, vm_id=vm, client_id=0,
                                               server_id="", device_id="s"))
                            for vm in range(1, 101))
             s.sendall(out)
+            attached.set()
             # ... and never reads again; the server closes it when its queue is full.
-            while time.monotonic() < deadline:
-                try:
-                    if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                        break
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    break
+            # Its unread bytes hide the end of the stream from a recv (a peek
+            # returns them, never b""): POLLRDHUP says the server closed, and the
+            # process attaches again at once (it used to stay away for good).
+            gone = select.poll()
+            gone.register(s, select.POLLRDHUP)
+            while time.monotonic() < deadline and not gone.poll(0):
                 time.sleep(0.5)
             s.close()
 
     def stirrer() -> None:
-        s, conn = _raw_client(port)
+        s, conn = _raw_client(port, deadline=deadline)
         rid = 0
 
         def io(offset: int, value: int) -> None:
@@ -153,78 +183,131 @@ def hostile(port: int, idle: int, seconds: float, parts: str = "all") -> None:
             io(1, 0x00)
             time.sleep(0.02)
 
-    for fn in ((hold,) if parts in ("all", "idle") else ()) + \
-            ((stopped_reader, stirrer) if parts in ("all", "reader") else ()):
-        threading.Thread(target=fn, daemon=True).start()
+    # The reader first: once the idle connections fill the server, a new client
+    # waits for a slot the handshake deadline frees.
+    if parts in ("all", "reader"):
+        for fn in (stopped_reader, stirrer):
+            threading.Thread(target=fn, daemon=True).start()
+        attached.wait(10)
+    if parts in ("all", "idle"):
+        threading.Thread(target=hold, daemon=True).start()
     while time.monotonic() < deadline:
         time.sleep(1)
-        print(sum(1 for s in held if s is not None), flush=True)
 
 
 # ------------------------------------------------------------------ the load
 
-def run_load(port: int, vms: int, seconds: float) -> tuple[float, float]:
-    """(accesses/s, p99 latency in µs) of ``vms`` threads on one link."""
+def connect_load(port: int, vms: int) -> ServerLink:
+    """One link with ``vms`` VMs attached to their own UARTs."""
     link = ServerLink("a", ("127.0.0.1", port), client_name=f"load{vms}").connect()
-    try:
-        for vm in range(1, vms + 1):
-            if link.attach(vm, "u") != 0:
-                raise SystemExit(f"attach of vm {vm} failed")
-        lat: list[list[float]] = [[] for _ in range(vms)]
-        start = threading.Barrier(vms + 1)
-        stop_at = [0.0]
+    for vm in range(1, vms + 1):
+        if link.attach(vm, "u") != 0:
+            link.close()
+            raise SystemExit(f"attach of vm {vm} failed")
+    return link
 
-        def vcpu(i: int) -> None:
-            out = lat[i]
-            io, clock = link.io, time.perf_counter
-            start.wait()
-            end = stop_at[0]
-            while True:
-                t0 = clock()
-                if t0 >= end:
-                    return
-                status, _ = io(i + 1, "u", 0, SCRATCH, 1, 0, 0)
-                out.append(clock() - t0)
-                if status != 0:
-                    raise SystemExit(f"vm {i + 1}: status {status}")
 
-        threads = [threading.Thread(target=vcpu, args=(i,), daemon=True) for i in range(vms)]
-        for t in threads:
-            t.start()
-        stop_at[0] = time.perf_counter() + seconds
+def run_load(link: ServerLink, vms: int, seconds: float) -> tuple[float, float]:
+    """(accesses/s, p99 latency in µs) of ``vms`` threads on ``link``."""
+    lat: list[list[float]] = [[] for _ in range(vms)]
+    start = threading.Barrier(vms + 1)
+    stop_at = [0.0]
+
+    def vcpu(i: int) -> None:
+        out = lat[i]
+        io, clock = link.io, time.perf_counter
         start.wait()
-        for t in threads:
-            t.join(seconds + 10)
-        all_lat = sorted(x for per in lat for x in per)
-        if not all_lat:
-            raise SystemExit("no access completed")
-        p99 = all_lat[min(len(all_lat) - 1, int(len(all_lat) * 0.99))] * 1e6
-        return len(all_lat) / seconds, p99
+        end = stop_at[0]
+        while True:
+            t0 = clock()
+            if t0 >= end:
+                return
+            status, _ = io(i + 1, "u", 0, SCRATCH, 1, 0, 0)
+            out.append(clock() - t0)
+            if status != 0:
+                raise SystemExit(f"vm {i + 1}: status {status}")
+
+    threads = [threading.Thread(target=vcpu, args=(i,), daemon=True) for i in range(vms)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + seconds
+    start.wait()
+    for t in threads:
+        t.join(seconds + 10)
+    all_lat = sorted(x for per in lat for x in per)
+    if not all_lat:
+        raise SystemExit("no access completed")
+    p99 = all_lat[min(len(all_lat) - 1, int(len(all_lat) * 0.99))] * 1e6
+    return len(all_lat) / seconds, p99
+
+
+def _quiet(port: int, n: int, args: argparse.Namespace) -> tuple[float, float]:
+    link = connect_load(port, n)
+    try:
+        return run_load(link, n, args.seconds)
     finally:
         link.close()
 
 
-def _attacked(port: int, n: int, args: argparse.Namespace, env: dict[str, str]
-              ) -> tuple[tuple[float, float], int]:
-    """The load of ``n`` VMs while the hostile process runs; and how many idle
-    connections it had open at most."""
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _settle(pid: int, baseline: int) -> None:
+    """Wait until the server has dropped what the hostile process left (a thread
+    per connection it had admitted), so that the next quiet figure does not pay for
+    the teardown of 512 connections (up to 15 s)."""
+    deadline = time.monotonic() + 15
+    while _threads(pid) > baseline + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+
+
+def _established(port: int) -> int:
+    """Connections the server has open on ``port`` (its side), as ``ss`` sees them."""
+    out = subprocess.run(["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True).stdout
+    return len(out.splitlines())
+
+
+def _attacked(port: int, n: int, args: argparse.Namespace, env: dict[str, str],
+              settle: tuple[int, int]) -> tuple[tuple[float, float], int]:
+    """The load of ``n`` VMs while the hostile process runs; and how many connections
+    the server had open at most meanwhile. The load's link is connected first, as an
+    agent's is before an attack: the idle connections fill the server, and a new
+    client then waits for one the handshake deadline frees."""
+    link = connect_load(port, n)
     hp = subprocess.Popen(
         [sys.executable, __file__, "--hostile", str(port), "--idle", str(args.idle),
-         "--hostile-seconds", str(args.seconds + 20), "--only", args.only],
-        stdout=subprocess.PIPE, text=True, env=env)
+         "--hostile-seconds", str(args.seconds + 30), "--only", args.only],
+        stdout=subprocess.DEVNULL, env=env)
     held = [0]
+    done = threading.Event()
 
     def count() -> None:
-        for line in hp.stdout or []:
-            held[0] = max(held[0], int(line))
+        while not done.wait(0.5):
+            held[0] = max(held[0], _established(port))
+    # Let it open its connections and stop reading: the reader attaches at once; the
+    # idle connections fill the server within a few seconds (its backlog overflows
+    # while it starts a thread for each admitted one, and a dropped SYN costs that
+    # connect a second).
+    time.sleep(2.5)
+    ramp = time.monotonic() + 10
+    while args.only != "reader" and time.monotonic() < ramp and \
+            _established(port) < FULL * 0.9:
+        time.sleep(0.2)
     threading.Thread(target=count, daemon=True).start()
-    time.sleep(2.5)       # let it open its connections and stop reading
     try:
-        return run_load(port, n, args.seconds), held[0]
+        return run_load(link, n, args.seconds), held[0]
     finally:
+        done.set()
+        link.close()
         hp.send_signal(signal.SIGKILL)
         hp.wait()
-        time.sleep(1.0)   # the server drops what the hostile process left
+        _settle(*settle)   # the server drops what the hostile process left
 
 
 def main() -> None:
@@ -269,6 +352,7 @@ def main() -> None:
             time.sleep(0.1)
         threading.Thread(target=lambda: log_lines.extend(server.stderr or []),
                          daemon=True).start()
+        settle = (server.pid, _threads(server.pid))
         print(f"load on one link: {args.seconds:g} s per figure; hostile: {args.idle} idle "
               f"connections + a client that does not read (see bench/load.py)")
         print(f"{'VMs':>4} {'quiet acc/s':>12} {'p99 µs':>8} {'hostile acc/s':>14} "
@@ -276,8 +360,8 @@ def main() -> None:
         for n in counts:
             rounds = []
             for _ in range(args.rounds):
-                quiet = run_load(port, n, args.seconds)
-                attacked, held = _attacked(port, n, args, env)
+                quiet = _quiet(port, n, args)
+                attacked, held = _attacked(port, n, args, env, settle)
                 rounds.append((quiet, attacked, held))
             # The machine's speed drifts between runs: ratios are paired within a
             # round, and the median over the rounds is printed (as bench/roundtrip.py).

@@ -143,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", type=_typed(parse_device), action="append", default=[],
                    metavar="ID=KIND[,backend=NAME:ARG][,shared]",
                    help="a software device, e.g. uart0=uart16550,backend=tcp:127.0.0.1:7701 "
-                        "or rtc0=cmos-rtc; repeat for more")
+                        "or rtc0=cmos-rtc; repeat for more. Whoever reaches a backend types "
+                        "into the VM: tcp takes token=FILE and tls=DIR[,allow=NAME:...] "
+                        "(a client certificate of DIR's CA), unix:PATH a socket with file "
+                        "permissions (docs/limits.md); --list-backends lists them")
     s.add_argument("--trace", action="store_true",
                    help="print every register access on stdout")
     s.add_argument("--list-devices", action="store_true",

@@ -1,17 +1,22 @@
-"""The server's limit parts without sockets: safe log text, the rate limiter, the
-connection gate, the outbox and the watchdog's decisions (tests/test_hardening.py
-drives the same through real server processes)."""
+"""The server's limit parts: safe log text, the rate limiter, the connection gate,
+the accept pacer, the outbox and the watchdog's decisions, without sockets; and the
+pacing of a flood of refused connections on a real listener (tests/test_hardening.py
+drives the limits through real server processes)."""
 
 from __future__ import annotations
 
 import logging
+import select
+import socket
 import threading
 import time
 
 import pytest
 
 from remote_hw.net.logsafe import RateLimitedLog, safe_text
-from remote_hw.server.limits import ConnectionGate, Limits
+from remote_hw.protocol import CLOSED
+from remote_hw.protocol import messages as m
+from remote_hw.server.limits import AcceptPacer, ConnectionGate, Limits
 from remote_hw.server.outbox import Outbox
 from remote_hw.server.watchdog import Watchdog
 
@@ -46,6 +51,143 @@ def test_gate_counts_total_and_per_peer():
     for host in ("a", "b", "c"):
         gate.release(host)
     assert gate.total == 0 and not gate._per_peer   # nothing remembered per address
+
+
+def test_gate_says_full():
+    gate = ConnectionGate(Limits(max_connections=1))
+    assert not gate.full
+    assert gate.admit("a") is None and gate.full
+    gate.release("a")
+    assert not gate.full
+
+
+def test_pacer_pauses_a_flood_not_a_trickle():
+    now = [10.0]     # times in quarters: exact in binary
+    pacer = AcceptPacer(burst=4, pause=0.25, clock=lambda: now[0])
+    assert [pacer.refused() for _ in range(4)] == [False, False, False, True]
+    assert pacer.pause_until() == 10.25                 # the end of this window
+    now[0] = 10.25
+    assert not pacer.refused()                          # a new window
+    for window in range(1, 40):                         # 3 per window, for 10 s
+        now[0] = 10.25 + window * 0.25
+        assert not any(pacer.refused() for _ in range(3))
+    assert pacer.pauses == 1
+    now[0] = 30.0                                       # the window is long over
+    assert pacer.pause_until() == 30.25
+
+
+def _told_why(s: socket.socket, deadline: float) -> str:
+    """The ERROR text a refused connection reads before EOF ('' if none)."""
+    from remote_hw.protocol import NEED_DATA, Connection, Role
+    conn = Connection(Role.CLIENT)
+    s.setblocking(True)
+    s.settimeout(max(0.1, deadline - time.monotonic()))
+    while True:
+        ev = conn.next_event()
+        if isinstance(ev, m.Error):
+            return ev.text
+        if ev is CLOSED:
+            return ""
+        assert ev is NEED_DATA, ev
+        try:
+            data = s.recv(4096)
+        except ConnectionResetError:
+            data = b""
+        conn.receive_data(data)
+
+
+def test_a_flood_of_refused_connections_is_paced_and_each_is_told_why():
+    """While the server is full, 80 connections at once: the first ones are refused
+    at once, then accepting pauses (the kernel queues or drops the rest, its SYNs
+    retried by the connecting side), and in the end every one of them reads the
+    ERROR saying why; a client connected before is served all along."""
+    from remote_hw.config import DeviceSpec
+    from remote_hw.server.controller import Controller
+    from remote_hw.server.listener import Server
+
+    from helpers import RawClient
+    srv = Server(Controller("a", [DeviceSpec("rtc0", "cmos-rtc")]), "127.0.0.1", 0,
+                 limits=Limits(max_connections=3)).start()
+    port = srv.address[1]
+    flood: list[socket.socket] = []
+    try:
+        served = RawClient(port, name="served")
+        assert served.attach(1, "rtc0").status == 0
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        deadline = time.monotonic() + 5
+        while not srv.gate.full:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        lone = socket.create_connection(("127.0.0.1", port))
+        t0 = time.monotonic()
+        assert "server full" in _told_why(lone, t0 + 2)   # alone: refused at once
+        assert time.monotonic() - t0 < 1.0
+        for i in range(80):
+            s = socket.socket()
+            s.bind((f"127.0.0.{2 + i % 8}", 0))
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            flood.append(s)
+        assert served.io(1, "rtc0", 1, timeout=2.0).status == 0   # served meanwhile
+        deadline = time.monotonic() + 15          # SYNs dropped are retried at 1, 3 s
+        told = []
+        for s in flood:
+            select.select([s], [], [], max(0.0, deadline - time.monotonic()))
+            told.append(_told_why(s, deadline))
+        assert all("server full: 3 connections open (--max-connections 3)" in t
+                   for t in told), told
+        assert srv.pacer.pauses >= 1
+        assert served.io(1, "rtc0", 1, timeout=2.0).status == 0
+        for s in idle:
+            s.close()
+        deadline = time.monotonic() + 5
+        while srv.gate.full:        # their ends are seen in the waiting room
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        late = RawClient(port, name="late", timeout=5.0)   # room again: admitted
+        assert late.attach(2, "rtc0", timeout=2.0).status == 0
+    finally:
+        for s in flood:
+            s.close()
+        srv.stop()
+
+
+def test_silent_connections_wait_without_a_thread_and_are_told_at_the_deadline():
+    """Admitted connections that send nothing wait in the accept thread's selector:
+    50 of them start no thread; at the handshake deadline each is sent the ERROR and
+    closed there; one that speaks gets its session."""
+    from remote_hw.config import DeviceSpec
+    from remote_hw.server.controller import Controller
+    from remote_hw.server.listener import Server
+
+    from helpers import RawClient
+    srv = Server(Controller("a", [DeviceSpec("rtc0", "cmos-rtc")]), "127.0.0.1", 0,
+                 limits=Limits(handshake_timeout=1.0)).start()
+    port = srv.address[1]
+    silent: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+        deadline = time.monotonic() + 5
+        while srv.gate.total < 50:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert threading.active_count() <= before + 1
+        c = RawClient(port, name="speaks")
+        assert c.attach(1, "rtc0").status == 0
+        t0 = time.monotonic()
+        told = [_told_why(s, t0 + 5) for s in silent]
+        assert all("no HELLO within 1 s of connecting (--handshake-timeout)" in t
+                   for t in told), told
+        deadline = time.monotonic() + 5
+        while srv.gate.total > 1:       # only the one that spoke is left
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert c.io(1, "rtc0", 1).status == 0
+    finally:
+        for s in silent:
+            s.close()
+        srv.stop()
 
 
 def test_limits_refuse_nonsense():

@@ -12,12 +12,33 @@ idle timeout by :mod:`.watchdog`, the outbound queue by :mod:`.outbox`, the inst
 quota by the controller's attach. Each refusal is one log line (rate-limited where a
 peer can repeat it) and, where the protocol allows, an ERROR to the peer that says
 which limit and its value.
+
+Refusing costs the server too: an accept, an ERROR, a close, some 30-50 us of CPU
+each, taken in bursts on the accept thread while the served connections want the
+GIL. :class:`AcceptPacer` bounds it whatever the rate of a flood: a refused
+connection is answered at once, but after ``REFUSE_BURST`` refusals within ``PAUSE``
+seconds the listener stops accepting until that window ends, and new connections
+wait in the kernel's queue. If the server is full, every one of them would be
+refused: the queue is shortened to ``PAUSED_BACKLOG`` meanwhile (SYNs beyond it are
+dropped by the kernel and retried by the peer's, at no cost to this process). Then
+whatever waited is accepted in order: admitted if there is room now, else refused
+with the same ERROR, at most ``PAUSE`` s later than without a flood.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+#: the window of AcceptPacer: accepting pauses until its end after REFUSE_BURST
+PAUSE = 0.1
+#: refusals answered at once within PAUSE seconds (320 a second at most)
+REFUSE_BURST = 32
+#: the listen backlog while paused with the server full (the usual one is BACKLOG)
+PAUSED_BACKLOG = 16
+BACKLOG = 128
 
 
 @dataclass(frozen=True)
@@ -88,8 +109,47 @@ class ConnectionGate:
             self._total = max(0, self._total - 1)
 
     @property
+    def full(self) -> bool:
+        """``--max-connections`` connections are open: any new one would be refused."""
+        return self._total >= self.limits.max_connections
+
+    @property
     def total(self) -> int:
         return self._total
+
+
+class AcceptPacer:
+    """Counts refusals per window of ``pause`` seconds, for the accept loop (the
+    module docstring says why it pauses): a steady trickle below ``burst`` per
+    window never pauses anything, and a flood is answered ``burst`` connections per
+    window at most."""
+
+    def __init__(self, *, burst: int = REFUSE_BURST, pause: float = PAUSE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.pause = pause
+        self._clock = clock
+        self._window = -pause
+        self._count = 0
+        #: pauses so far (status, tests)
+        self.pauses = 0
+
+    def refused(self) -> bool:
+        """Count one refused connection; True if this window's burst is used up
+        (accepting should pause until the window ends)."""
+        now = self._clock()
+        if now - self._window >= self.pause:
+            self._window, self._count = now, 0
+        self._count += 1
+        return self._count >= self.burst
+
+    def pause_until(self) -> float:
+        """When a pause starting now ends (the clock's time): the end of the
+        current window, or ``pause`` from now if the window is over."""
+        self.pauses += 1
+        now = self._clock()
+        end = self._window + self.pause
+        return end if end > now else now + self.pause
 
 
 class QuotaExceeded(Exception):

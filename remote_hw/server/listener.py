@@ -3,23 +3,36 @@
 ``Server`` puts the pieces together: the controller (devices held here), the
 :class:`~.router.Router` (local or forwarded, and the client table), the
 :class:`~.policy.AccessPolicy` (peers, ``--allow``) and one
-:class:`~.session.ClientSession` thread per accepted connection. TLS is negotiated
-here, before a session exists, so an unauthenticated peer never reaches protocol code.
+:class:`~.session.ClientSession` thread per connection. TLS is negotiated there,
+before a session exists, so an unauthenticated peer never reaches protocol code.
+
+The accept thread waits on one selector: the listener, and the *waiting room*, the
+admitted connections that have not sent a byte yet. A connection gets its thread
+when its first bytes (HELLO, or a TLS ClientHello) arrive; one that stays silent
+costs a descriptor and no thread, and is closed there at the handshake deadline or
+when its peer hangs up. So a crowd of idle connections, opened again each time the
+deadline closes them, costs no thread starts and no thread wake-ups.
 
 Limits (:mod:`.limits`) are applied here at accept: a connection over
 ``--max-connections`` or ``--max-per-peer`` is refused at once, with an ERROR where
-the connection is plain TCP, and costs no thread. The :class:`~.watchdog.Watchdog`
-watches every admitted connection from accept on (handshake deadline, idle timeout).
-When the process runs out of descriptors, ``accept`` fails with EMFILE/ENFILE while
-the connection stays queued: the loop then waits (50 ms, doubling to 1 s) instead of
-retrying at once, which used to spin a CPU at 100 %; existing sessions are served
-meanwhile and the queued connection is accepted once descriptors are free again.
+the connection is plain TCP, and costs no thread. A flood of refusals is paced
+(:class:`~.limits.AcceptPacer`): after a burst of them, the listener is left out of
+the selector for the rest of a 0.1 s window and new connections wait in the kernel's
+queue (shortened meanwhile if the server is full, so a flood beyond it costs this
+process nothing); what waited is then admitted if there is room, else refused with
+the same ERROR. The :class:`~.watchdog.Watchdog` watches every admitted connection
+from accept on (handshake deadline, idle timeout). When the process runs out of
+descriptors, ``accept`` fails with EMFILE/ENFILE while the connection stays queued:
+the listener is then left out for 50 ms, doubling to 1 s, instead of retrying at
+once, which used to spin a CPU at 100 %; existing sessions are served meanwhile and
+the queued connection is accepted once descriptors are free again.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import selectors
 import socket
 import ssl
 import threading
@@ -34,7 +47,7 @@ from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import ErrorCode
 from remote_hw.server.controller import Controller
 from remote_hw.server.directory import Directory, StaticDirectory
-from remote_hw.server.limits import ConnectionGate, Limits
+from remote_hw.server.limits import BACKLOG, PAUSED_BACKLOG, AcceptPacer, ConnectionGate, Limits
 from remote_hw.server.policy import AccessPolicy
 from remote_hw.server.router import Router
 from remote_hw.server.session import ClientSession
@@ -45,6 +58,8 @@ log = logging.getLogger("remote_hw.server")
 # accept() errors that mean "out of a resource": wait before trying again.
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 1.0
+#: connections accepted in a row before the waiting room gets a turn
+ACCEPT_BATCH = 64
 
 
 def _hard_shutdown(sock: socket.socket) -> None:
@@ -58,16 +73,20 @@ def _hard_shutdown(sock: socket.socket) -> None:
 
 
 class _Handshaking:
-    """An accepted connection before its session exists (in its TLS handshake), as
-    the watchdog sees it: not ready, so only the handshake deadline applies."""
+    """An accepted connection before its session exists (waiting for its first
+    bytes, or in its TLS handshake), as the watchdog sees it: not ready, so only the
+    handshake deadline applies. While it waits on a plain-TCP server (``plain``),
+    ending it sends the ERROR first, as a session would (nothing else writes to it)."""
 
     ready = False
     rx = 0
 
-    def __init__(self, sock: socket.socket, peer: str, closing_log: RateLimitedLog) -> None:
+    def __init__(self, sock: socket.socket, peer: str, closing_log: RateLimitedLog,
+                 plain: bool = False) -> None:
         self.closing_log = closing_log
         self.sock = sock
         self.peer = peer
+        self.plain = plain
         self.accepted_at = time.monotonic()
         self.aborted = False
 
@@ -77,6 +96,12 @@ class _Handshaking:
     def abort(self, why: str) -> None:
         self.aborted = True
         self.closing_log("%s: closing: %s", self.peer, why)
+        if self.plain:
+            try:
+                self.sock.send(Connection(Role.SERVER).error_frame(
+                    ProtocolError(ErrorCode.DENIED, why)), socket.MSG_DONTWAIT)
+            except OSError:
+                pass
         _hard_shutdown(self.sock)
 
 
@@ -91,6 +116,10 @@ class Server:
         self.limits = limits or Limits()
         controller.max_instances_per_client = self.limits.max_instances_per_client
         self.gate = ConnectionGate(self.limits)
+        self.pacer = AcceptPacer()
+        self._backoff = 0.0   # the current wait after a failed accept (EMFILE)
+        #: the ERROR frame of each recent refusal text, made once (10 us of Python)
+        self._refusal_frames: dict[str, bytes] = {}
         # One line per refused connection would let a flood of them flood the log too.
         self._refused = RateLimitedLog(log)
         self._accept_trouble = RateLimitedLog(log, interval=30.0, burst=1)
@@ -110,7 +139,7 @@ class Server:
         self.router = Router(controller, self.directory, tls=tls,
                              forward_timeout=forward_timeout)
         self.forwarder = self.router.forwarder
-        self._listener = socket.create_server((host, port), backlog=128)
+        self._listener = socket.create_server((host, port), backlog=BACKLOG)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._sessions: set[ClientSession] = set()
         self._lock = threading.Lock()
@@ -132,43 +161,140 @@ class Server:
         return self
 
     def _accept_loop(self) -> None:
-        backoff = 0.0
-        while not self._stopped.is_set():
-            try:
-                sock, addr = self._listener.accept()
-            except OSError as e:
+        """One thread, one selector: the listener and the waiting room (admitted
+        connections that have not sent a byte yet). The listener is left out of the
+        selector while accepting pauses (a flood of refusals) or backs off (out of
+        descriptors); the waiting room is served all along."""
+        sel = selectors.DefaultSelector()
+        listener = self._listener
+        listener.setblocking(False)
+        sel.register(listener, selectors.EVENT_READ, None)
+        resume_at = 0.0      # monotonic time the listener is watched again; 0: it is
+        shrunk = False       # the kernel's queue is PAUSED_BACKLOG long meanwhile
+        try:
+            while not self._stopped.is_set():
+                timeout = max(0.0, resume_at - time.monotonic()) if resume_at else None
+                for key, _events in sel.select(timeout):
+                    if key.data is not None:
+                        self._first_bytes(sel, key.fileobj, key.data)   # type: ignore[arg-type]
+                    elif not resume_at:
+                        resume_at = self._accept_some(sel)
+                        if resume_at:
+                            sel.unregister(listener)
+                            if self.gate.full:
+                                shrunk = self._listen(PAUSED_BACKLOG)
                 if self._stopped.is_set():
                     return
+                if resume_at and time.monotonic() >= resume_at:
+                    resume_at = 0.0
+                    if shrunk:
+                        shrunk = not self._listen(BACKLOG)
+                    sel.register(listener, selectors.EVENT_READ, None)
+        except (OSError, ValueError):
+            if not self._stopped.is_set():
+                raise
+        finally:
+            for key in list(sel.get_map().values()):
+                if key.data is not None:
+                    self._drop_waiting(key.fileobj, *key.data)   # type: ignore[arg-type]
+            sel.close()
+
+    def _listen(self, backlog: int) -> bool:
+        """Set the kernel's queue length; True if done."""
+        try:
+            self._listener.listen(backlog)
+            return True
+        except OSError:
+            return False
+
+    def _accept_some(self, sel: selectors.BaseSelector) -> float:
+        """Accept what the kernel has queued (ACCEPT_BATCH at most, then the waiting
+        room gets a turn); returns 0, or when to watch the listener again after a
+        burst of refusals (AcceptPacer) or a failed accept (EMFILE: 50 ms, doubling
+        to 1 s)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = self._listener.accept()
+            except BlockingIOError:
+                return 0.0
+            except OSError as e:
+                if self._stopped.is_set():
+                    return 0.0
                 if e.errno in _EXHAUSTED:
-                    backoff = min(_BACKOFF_MAX, backoff * 2 or _BACKOFF_FIRST)
+                    self._backoff = min(_BACKOFF_MAX, self._backoff * 2 or _BACKOFF_FIRST)
                     self._accept_trouble(
                         "accept failed: %s; new connections wait (retrying every %g s "
                         "at most), existing ones are served", e.strerror or e,
                         _BACKOFF_MAX)
-                    self._stopped.wait(backoff)
-                elif e.errno not in (errno.EINTR, errno.ECONNABORTED, errno.EAGAIN):
+                    return time.monotonic() + self._backoff
+                if e.errno not in (errno.EINTR, errno.ECONNABORTED, errno.EAGAIN):
                     self._accept_trouble("accept failed: %s", e)
-                    self._stopped.wait(_BACKOFF_FIRST)
+                    return time.monotonic() + _BACKOFF_FIRST
                 continue
-            backoff = 0.0
-            self._admit(sock, addr)
+            self._backoff = 0.0
+            if self._admit(sel, sock, addr) and self.pacer.refused():
+                # A flood of refusals: the rest waits in the kernel's queue until this
+                # window ends.
+                return self.pacer.pause_until()
+        return 0.0
 
-    def _admit(self, sock: socket.socket, addr: tuple[str, int]) -> None:
-        """Refuse a connection over a limit at once, else start its session thread."""
+    def _admit(self, sel: selectors.BaseSelector, sock: socket.socket,
+               addr: tuple[str, int]) -> bool:
+        """Refuse a connection over a limit at once (True), else put it in the
+        waiting room until its first bytes arrive."""
         host, peer = addr[0], f"{addr[0]}:{addr[1]}"
         why = self.gate.admit(host)
         if why is not None:
             self._refuse(sock, peer, why)
-            return
-        pending = _Handshaking(sock, peer, self.closing_log)
+            return True
+        pending = _Handshaking(sock, peer, self.closing_log, plain=self._ssl is None)
         self.watchdog.watch(pending)
         try:
-            threading.Thread(target=self._start_session, args=(sock, pending, host),
-                             name=f"conn-{addr[1]}", daemon=True).start()
-        except RuntimeError as e:  # can't start new thread: the machine's limit
+            sel.register(sock, selectors.EVENT_READ, (pending, host))
+        except (OSError, ValueError) as e:
             self.watchdog.forget(pending)
             self.gate.release(host)
-            self._refuse(sock, peer, f"cannot start a thread for it: {e}")
+            self._refuse(sock, peer, f"cannot watch it: {e}")
+            return True
+        return False
+
+    def _first_bytes(self, sel: selectors.BaseSelector, sock: socket.socket,
+                     data: tuple[_Handshaking, str]) -> None:
+        """A waiting connection is readable: its HELLO (or ClientHello) came, so it
+        gets its session thread now. One the watchdog ended at the handshake
+        deadline, or whose peer hung up, is closed here, without a thread."""
+        pending, host = data
+        sel.unregister(sock)
+        if not pending.aborted:
+            try:
+                first = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sel.register(sock, selectors.EVENT_READ, data)   # not yet, after all
+                return
+            except OSError:
+                first = b""
+            if first:
+                pending.plain = False   # from now on the session thread writes
+                try:
+                    threading.Thread(target=self._start_session, args=(sock, pending, host),
+                                     name=f"conn-{pending.peer.rsplit(':', 1)[-1]}",
+                                     daemon=True).start()
+                    return
+                except RuntimeError as e:  # can't start new thread: the machine's limit
+                    self.watchdog.forget(pending)
+                    self.gate.release(host)
+                    self._refuse(sock, pending.peer, f"cannot start a thread for it: {e}")
+                    return
+        self._drop_waiting(sock, pending, host)
+
+    def _drop_waiting(self, sock: socket.socket, pending: _Handshaking, host: str) -> None:
+        """Close a connection of the waiting room (its session never started)."""
+        self.watchdog.forget(pending)
+        self.gate.release(host)
+        try:
+            sock.close()
+        except OSError:
+            pass
 
     def _refuse(self, sock: socket.socket, peer: str, why: str) -> None:
         """Close a connection we will not serve: ERROR first on plain TCP (a TLS peer
@@ -176,8 +302,15 @@ class Server:
         self._refused("%s: refused: %s", peer, why)
         try:
             if self._ssl is None:
-                frame = Connection(Role.SERVER).error_frame(
-                    ProtocolError(ErrorCode.DENIED, why))
+                frame = self._refusal_frames.get(why)
+                if frame is None:
+                    # The texts repeat (the limit's values; the host, per peer): each
+                    # is encoded once. A few dozen at most are kept.
+                    if len(self._refusal_frames) >= 64:
+                        self._refusal_frames.clear()
+                    frame = Connection(Role.SERVER).error_frame(
+                        ProtocolError(ErrorCode.DENIED, why))
+                    self._refusal_frames[why] = frame
                 sock.send(frame, socket.MSG_DONTWAIT)
                 # Read what the peer already sent (its HELLO), so closing does not
                 # reset the connection before it reads the ERROR.

@@ -483,3 +483,20 @@ def test_a_forwarded_post_that_fails_is_reported_under_the_clients_id(entry, cap
         assert re.search(r"posted write of vm 1 failed: UNREACHABLE", caplog.text)
     finally:
         link.close()
+
+
+def test_a_shared_device_gets_no_shadow():
+    """Others' accesses change a shared device's registers: it is not shadowed, and
+    its accesses wait as before (no SHADOW flood to every sharer)."""
+    ctl = Controller("a", [DeviceSpec("clock", "uart16550", shared=True)])
+    srv = Server(ctl, "127.0.0.1", 0).start()
+    link = ServerLink("a", srv.address).connect()
+    try:
+        dev = device(link, "clock")
+        assert link.features & m.FEATURE_POSTED
+        assert dev.shadow.reads == {} and dev.shadow.posted == 0
+        dev.write(SCR, 1, 0x12)
+        assert dev.read(SCR, 1) == 0x12 and dev.posted == 0 and dev.local_reads == 0
+    finally:
+        link.close()
+        srv.stop()

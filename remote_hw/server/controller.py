@@ -357,7 +357,9 @@ class Controller:
             with inst.lock:
                 inst.sessions[(client_id, vm_id)] = sink
                 high = [irq.line for irq in inst.lines if irq.level]
-                if _takes_shadow(sink, inst.model):
+                # Not for a shared device: others' accesses change its registers, and
+                # every change would go to every sharer (a flood nobody asked for).
+                if not spec.shared and _takes_shadow(sink, inst.model):
                     shadow_sink = cast(ShadowSink, sink)
                     inst.shadow_sinks[(client_id, vm_id)] = shadow_sink
                     inst.shadow = inst.model.shadow()

@@ -60,6 +60,8 @@ _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 1.0
 #: connections accepted in a row before the waiting room gets a turn
 ACCEPT_BATCH = 64
+#: how long stop() waits, in all, for session threads to finish closing
+STOP_GRACE = 2.0
 
 
 def _hard_shutdown(sock: socket.socket) -> None:
@@ -383,9 +385,16 @@ class Server:
             self._listener.close()
         except OSError:
             pass
-        for s in self.sessions():
+        sessions = self.sessions()
+        for s in sessions:
             s.t.shutdown()
             s.close()
+        # A session's own thread may be closing it already (it saw the shutdown first),
+        # releasing instances this thread no longer sees: let it finish, so every
+        # backend is closed (a unix socket file removed) before the process may exit.
+        deadline = time.monotonic() + STOP_GRACE
+        for s in sessions:
+            s.finished.wait(max(0.0, deadline - time.monotonic()))
         self.router.close()
         self.directory.close()
         self.controller.close()

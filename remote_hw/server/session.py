@@ -483,6 +483,8 @@ class ClientSession:
                     raise ProtocolError(ErrorCode.UNEXPECTED,
                                         f"{type(ev).__name__} is not accepted by a server")
                 handler(self, ev)
+                if self._reader != me:  # an IO_REQUEST decoded the long way, handed off
+                    return False
 
     def _refuse(self, code: ErrorCode, text: str) -> None:
         log.warning("%s: refused: %s", self.peer, text)

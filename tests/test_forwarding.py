@@ -183,11 +183,14 @@ def test_device_server_gone_and_back(caplog):
         b.stop()
 
 
-def test_a_vm_waiting_for_a_stopped_server_does_not_hold_up_another_vm():
+@pytest.mark.parametrize("cold_ids", [False, True], ids=["field-reader", "long-way"])
+def test_a_vm_waiting_for_a_stopped_server_does_not_hold_up_another_vm(cold_ids):
     """Two VMs of one client over one connection to entry server a: VM 1's access to
     a device on server b waits while b is stopped; VM 2's access to a device on a is
     answered meanwhile, and VM 1's completes once b continues (its connection's
-    reading moved to another thread while VM 1's call waited)."""
+    reading moved to another thread while VM 1's call waited). ``long-way``: the
+    identifier caches are empty, so the server decodes VM 1's request with the full
+    decoder (a handler, not the field reader), which must hand off the same way."""
     import os
     import signal
     import threading
@@ -207,6 +210,9 @@ def test_a_vm_waiting_for_a_stopped_server_does_not_hold_up_another_vm():
         os.kill(proc.p.pid, signal.SIGSTOP)
         stopped = True
         answers: list = []
+        if cold_ids:
+            from remote_hw.protocol import _rules
+            _rules._ID_STR.clear()
         vm1 = threading.Thread(target=lambda: answers.append(
             link.io(1, "uart0", PORT, 7, 1, R)))
         vm1.start()

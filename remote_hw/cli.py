@@ -88,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"which certificate in --tls-dir is this {who}'s "
                              f"(default: {'the --server-id' if who == 'server' else 'client'})")
 
+    def posting(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--no-posting", dest="posting", action="store_false",
+                        help="wait for the server's answer to every access: do not post "
+                             "writes or answer shadowed registers locally "
+                             "(docs/protocol.md)")
+        sp.add_argument("--no-coalescing", dest="coalescing", action="store_false",
+                        help="let every posted write exit to the monitor, instead of KVM "
+                             "queueing them in its coalesced ring until the next exit")
+
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
@@ -218,12 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest RAM (default 2M)")
     v.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long one access may wait for its server (default 5)")
-    v.add_argument("--no-posting", dest="posting", action="store_false",
-                   help="wait for the server's answer to every access: do not post writes "
-                        "or answer shadowed registers locally (docs/protocol.md)")
-    v.add_argument("--no-coalescing", dest="coalescing", action="store_false",
-                   help="let every posted write exit to the monitor, instead of KVM queueing "
-                        "them in its coalesced ring until the next exit")
+    posting(v)
     v.add_argument("--on-reset", choices=["stop", "restart"], default="stop",
                    help="what a device's reset request does to the VM (default stop)")
     v.add_argument("--via", type=_typed(lambda t: parse_pair(t, "SERVER=ENTRY")),
@@ -243,11 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", required=True, metavar="FILE", help="the agent's TOML file")
     a.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long one access may wait for its server (default 5)")
-    a.add_argument("--no-posting", dest="posting", action="store_false",
-                   help="wait for the server's answer to every access (no posted writes or "
-                        "shadowed registers)")
-    a.add_argument("--no-coalescing", dest="coalescing", action="store_false",
-                   help="let every posted write exit (no KVM coalesced ring)")
+    posting(a)
     a.add_argument("--probes", action="store_true",
                    help="watch every guest access on this host with the eBPF probes and log "
                         "which VMs touched which devices when stopping (needs root and bcc)")

@@ -236,6 +236,32 @@ def test_string_lengths_that_do_not_consume_the_payload_are_named():
     assert "device_id 6" in e.text and "server_id 4" in e.text
 
 
+def test_a_post_must_be_a_write():
+    post = m_.Post(request_id=1, vm_id=1, offset=0, data=0x41, kind=AccessKind.PORT, size=1,
+                   device_id="uart0")
+    payload = bytearray(encode(post)[HEADER_SIZE:])
+    payload[34] = 0  # direction READ: a read cannot be posted, it needs its answer
+    e = raises_remote(ErrorCode.MALFORMED, MsgType.POST, bytes(payload))
+    assert "POST direction" in e.text
+    with pytest.raises(LocalProtocolError):
+        encode(m_.Post(request_id=1, vm_id=1, offset=0, kind=AccessKind.PORT, size=1,
+                       direction=Direction.READ, device_id="uart0"))
+    # The fast encoder validates like the generic one (a bad size is named).
+    with pytest.raises(LocalProtocolError, match="size"):
+        codec.encode_post(1, 1, 0, 0, 0x41, 0, 3, 0, "", "uart0")
+
+
+def test_a_shadow_names_at_most_eight_registers():
+    shadow = m_.Shadow(vm_id=1, shadowed=0xFF, values=U64, device_id="uart0")
+    assert decode_payload(MsgType.SHADOW, encode(shadow)[HEADER_SIZE:]) == shadow
+    payload = bytearray(encode(shadow)[HEADER_SIZE:])
+    payload[22:30] = (0x1FF).to_bytes(8, "little")  # nine shadowed offsets
+    e = raises_remote(ErrorCode.MALFORMED, MsgType.SHADOW, bytes(payload))
+    assert "more than 8 registers" in e.text
+    with pytest.raises(LocalProtocolError, match="more than 8"):
+        encode(m_.Shadow(vm_id=1, shadowed=0x1FF, device_id="uart0"))
+
+
 @pytest.mark.parametrize("t", [0, 16, 99, 255])
 def test_unknown_type(t):
     e = raises_remote(ErrorCode.UNKNOWN_TYPE, t, b"")

@@ -105,6 +105,36 @@ _KIND_OK = frozenset(m.value for m in AccessKind)
 _DIR_OK = frozenset(m.value for m in Direction)
 
 
+def _io_frame(t: int, request_id: int, vm_id: int, client_id: int, offset: int, data: int,
+              kind: Any, size: int, direction: Any, hops: int, server_id: str,
+              device_id: str) -> bytes | None:
+    """IO_REQUEST's layout (also POST's) packed for message type ``t``; None when
+    anything is unusual (a new identifier, a bad value): the generic path decides."""
+    try:
+        s = _OPT_ID_BYTES[server_id]
+        d = _ID_BYTES[device_id]
+        if (
+            size in _IO_SIZES
+            and kind in _KIND_OK
+            and direction in _DIR_OK
+            and data >= 0
+            and not data >> (size << 3)
+        ):
+            ls = len(s)
+            ld = len(d)
+            return (
+                _IO_FRAME.pack(
+                    MAGIC_U16, t, 0, _IO_SIZE + ls + ld, request_id, vm_id,
+                    client_id, offset, data, kind, size, direction, hops, ls, ld,
+                )
+                + s
+                + d
+            )
+    except (KeyError, TypeError, struct.error):
+        pass
+    return None
+
+
 def encode_io_request(
     request_id: int,
     vm_id: int,
@@ -123,28 +153,10 @@ def encode_io_request(
     Same result and same validation as ``encode(IoRequest(...))``, about twice as fast
     because no message object is built on the common path.
     """
-    try:
-        s = _OPT_ID_BYTES[server_id]
-        d = _ID_BYTES[device_id]
-        if (
-            size in _IO_SIZES
-            and kind in _KIND_OK
-            and direction in _DIR_OK
-            and data >= 0
-            and not data >> (size << 3)
-        ):
-            ls = len(s)
-            ld = len(d)
-            return (
-                _IO_FRAME.pack(
-                    MAGIC_U16, _IO_T, 0, _IO_SIZE + ls + ld, request_id, vm_id,
-                    client_id, offset, data, kind, size, direction, hops, ls, ld,
-                )
-                + s
-                + d
-            )
-    except (KeyError, TypeError, struct.error):
-        pass
+    frame = _io_frame(_IO_T, request_id, vm_id, client_id, offset, data, kind, size,
+                      direction, hops, server_id, device_id)
+    if frame is not None:
+        return frame
     # Unusual: a new identifier (the generic path validates and caches it) or an
     # invalid value (the generic path names it).
     return _encode_generic(
@@ -158,6 +170,7 @@ def encode_io_request(
 
 
 _POST_T = int(MsgType.POST)
+_WRITE = int(Direction.WRITE)
 
 
 def encode_post(
@@ -173,22 +186,10 @@ def encode_post(
     device_id: str,
 ) -> bytes:
     """Encode a POST frame (IO_REQUEST's layout, direction WRITE) from plain values."""
-    try:
-        s = _OPT_ID_BYTES[server_id]
-        d = _ID_BYTES[device_id]
-        if size in _IO_SIZES and kind in _KIND_OK and data >= 0 and not data >> (size << 3):
-            ls = len(s)
-            ld = len(d)
-            return (
-                _IO_FRAME.pack(
-                    MAGIC_U16, _POST_T, 0, _IO_SIZE + ls + ld, request_id, vm_id,
-                    client_id, offset, data, kind, size, 1, hops, ls, ld,
-                )
-                + s
-                + d
-            )
-    except (KeyError, TypeError, struct.error):
-        pass
+    frame = _io_frame(_POST_T, request_id, vm_id, client_id, offset, data, kind, size,
+                      _WRITE, hops, server_id, device_id)
+    if frame is not None:
+        return frame
     return _encode_generic(
         Post(
             request_id=request_id, vm_id=vm_id, client_id=client_id, offset=offset,

@@ -133,14 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"close a connection from which nothing arrives for this "
                             f"long; PINGs go out after a third of it, and clients answer "
                             f"them (default {d.idle_timeout:g})")
+        g.add_argument("--send-timeout", type=_positive(float), metavar="SECONDS",
+                       default=d.send_timeout,
+                       help=f"close a connection that takes none of what the server "
+                            f"sends for this long while frames wait for it (default "
+                            f"{d.send_timeout:g})")
         g.add_argument("--max-instances-per-client", type=_positive(int), metavar="N",
                        default=d.max_instances_per_client,
                        help=f"device instances (attachments) one client may hold "
                             f"(default {d.max_instances_per_client})")
         g.add_argument("--max-queue", type=_positive(int), metavar="BYTES",
                        default=d.max_queue,
-                       help=f"interrupts and events queued for a client that does not "
-                            f"read them before it is disconnected (default {d.max_queue})")
+                       help=f"bytes queued for a client that does not read them before "
+                            f"it is disconnected; interrupt levels stop queueing once "
+                            f"{min(64 * 1024, d.max_queue // 4)} bytes wait (only the newest "
+                            f"is kept) (default {d.max_queue})")
 
     s = sub.add_parser("server", help="serve software devices to clients over TCP",
                        description="Serve software devices to clients over TCP.")
@@ -168,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--route", type=_typed(lambda t: parse_pair(t, "DEVICE=SERVER")),
                    action="append", default=[], metavar="DEVICE=SERVER",
                    help="a device that lives on a --peer server (static directory); repeat")
+    from remote_hw.server.limits import FORWARD_TIMEOUT
+    s.add_argument("--forward-timeout", type=_positive(float), default=FORWARD_TIMEOUT,
+                   metavar="SECONDS",
+                   help="how long an access forwarded to another server waits for its "
+                        f"answer (default {FORWARD_TIMEOUT:g}); keep it below your "
+                        "clients' --timeout, so "
+                        "that a device server cut off from this one reads as a removed "
+                        "device, not as this server gone")
     s.add_argument("--directory", metavar="URL",
                    help="etcd endpoint of the shared directory, e.g. http://10.0.0.4:2379; "
                         "this server registers its devices there under a lease")

@@ -77,7 +77,7 @@ def _limits(args: argparse.Namespace):
     from remote_hw.server.limits import Limits
     return Limits(max_connections=args.max_connections, max_per_peer=args.max_per_peer,
                   handshake_timeout=args.handshake_timeout,
-                  idle_timeout=args.idle_timeout,
+                  idle_timeout=args.idle_timeout, send_timeout=args.send_timeout,
                   max_instances_per_client=args.max_instances_per_client,
                   max_queue=args.max_queue)
 
@@ -98,7 +98,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         dynamic = EtcdDirectory(args.directory, ttl=args.lease) if args.directory else None
         server = _start_server(args.listen, args.server_id, args.device, args.trace, tls=tls,
                                directory=LayeredDirectory(static, dynamic),
-                               acl=dict(args.allow), limits=_limits(args))
+                               acl=dict(args.allow), limits=_limits(args),
+                               forward_timeout=args.forward_timeout)
         server.router.resumes.grace = args.resume_grace
     except (ConfigError, KeyMaterialError) as e:
         return _usage_error("server", str(e))

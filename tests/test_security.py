@@ -247,3 +247,43 @@ def test_keys_command(tmp_path, capsys):
 def test_server_with_missing_key_files_exits_2(tmp_path, capsys):
     rc = main(["server", "--listen", "127.0.0.1:0", "--tls-dir", str(tmp_path)])
     assert rc == 2 and "ca.pem is missing" in capsys.readouterr().err
+
+
+def test_a_shut_down_tls_connection_never_reads_raw_records(keys):
+    """Transport.shutdown under TLS: the records still buffered are read decrypted,
+    then EOF; never the raw encrypted bytes as if they were the stream (Python's
+    SSLSocket.shutdown drops the SSL object first: a resumed session's old reader
+    then parsed TLS records as frames, "bad magic b'\\x17\\x03'")."""
+    from remote_hw.net.transport import TlsTransport
+    d, _ = keys
+    listener = socket.create_server(("127.0.0.1", 0))
+    raw_client = socket.create_connection(listener.getsockname())
+    raw_server, _ = listener.accept()
+    got: dict[str, TlsTransport] = {}
+
+    def accept() -> None:
+        got["s"] = TlsTransport.wrap_server(raw_server, TlsConfig(d, "a").server_context())
+
+    import threading
+    t = threading.Thread(target=accept)
+    t.start()
+    client_t = TlsTransport.wrap_client(raw_client, TlsConfig(d, "c1").client_context(), 1.0)
+    t.join(5)
+    server_t = got["s"]
+    sent = b"RH" + bytes(range(200)) * 20
+    client_t.send(sent)
+    time.sleep(0.2)                      # the records now wait in the server's kernel buffer
+    server_t.shutdown()
+    data = b""
+    while True:
+        chunk = server_t.recv()
+        if chunk is None:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    assert data == sent[:len(data)], "raw TLS bytes were read as the stream"
+    assert not data.startswith(b"\x17\x03")
+    for x in (client_t, server_t):
+        x.close()
+    listener.close()

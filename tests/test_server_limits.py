@@ -20,6 +20,8 @@ from remote_hw.server.limits import AcceptPacer, ConnectionGate, Limits
 from remote_hw.server.outbox import Outbox
 from remote_hw.server.watchdog import Watchdog
 
+from helpers import wait_until
+
 
 def test_safe_text_escapes_controls_and_caps():
     assert safe_text("plain text") == "plain text"
@@ -259,9 +261,13 @@ class _Conn:
         self.rx = 0
         self.pings: list[int] = []
         self.aborted: list[str] = []
+        self.stalled_since: float | None = None
 
     def ping(self, nonce: int) -> None:
         self.pings.append(nonce)
+
+    def stalled(self, now: float) -> float:
+        return now - self.stalled_since if self.stalled_since is not None else 0.0
 
     def abort(self, why: str) -> None:
         self.aborted.append(why)
@@ -302,3 +308,112 @@ def test_watchdog_does_not_blame_peers_for_its_own_pause():
     assert not new.aborted and not old.aborted
     dog.check(102.0)
     assert new.aborted        # the deadlines run again from the pause's end
+
+
+# ------------------------------------------------------------------ a peer that falls behind
+
+def _blocked_box(behind: int = 20):
+    """An outbox whose writer is stuck in a write (a peer that stopped reading) until
+    ``release`` is set; levels encode as ``b"<key>=<level>;"``."""
+    release, writing = threading.Event(), threading.Event()
+    wire: list[bytes] = []
+
+    def write(data: bytes) -> None:
+        writing.set()
+        release.wait(5)
+        wire.append(data)
+
+    box = Outbox(write, threading.Lock(), limit=1 << 20, name="t",
+                 on_overflow=lambda why: None,
+                 encode_level=lambda key, level: f"{key}={int(level)};".encode(),
+                 behind=behind)
+    box.writing = writing    # type: ignore[attr-defined]
+    return box, release, wire
+
+
+def _drained(box: Outbox, wire: list[bytes]) -> bytes:
+    wait_until(lambda: box.queued == 0, "the outbox drained", 5)
+    return b"".join(wire)
+
+
+def test_a_peer_that_is_behind_gets_the_newest_level_per_line_not_every_edge():
+    box, release, wire = _blocked_box()
+    box.put(b"F" * 30)                  # the writer takes it and blocks: 30 > behind
+    assert box.writing.wait(2)         # the writer took it and is blocked
+    held = []
+    # "a" toggles 1001 times (ends high), "b" twice (back to low: a pulse), "c" once.
+    for i in range(1001):
+        held.append(box.hold_level("a", i % 2 == 0))
+    held += [box.hold_level("b", True), box.hold_level("b", False), box.hold_level("c", True)]
+    assert all(held) and box.queued == 30     # nothing was encoded or queued
+    release.set()
+    assert _drained(box, wire) == b"F" * 30 + b"a=1;b=1;b=0;c=1;"
+    assert box.coalesced == 1000
+    box.close()
+
+
+def test_held_levels_go_before_any_later_frame_and_with_a_direct_write():
+    box, release, wire = _blocked_box()
+    box.put(b"F" * 30)
+    assert box.writing.wait(2)         # the writer took it and is blocked
+    assert box.hold_level("a", True)
+    box.put(b"event;")                # raised after the level: must not overtake it
+    assert box.hold_level("a", False)
+    assert box.take() == b"a=1;event;a=0;"   # a direct writer (feedback) takes all, in order
+    release.set()
+    assert _drained(box, wire) == b"F" * 30
+    box.close()
+
+
+def test_levels_are_not_held_while_the_peer_keeps_up():
+    box, release, wire = _blocked_box(behind=1000)
+    release.set()
+    assert not box.hold_level("a", True)    # the caller queues the frame itself
+    box.put(b"a=1;")
+    assert _drained(box, wire) == b"a=1;"
+    assert box.stalled(time.monotonic()) == 0.0
+    box.close()
+
+
+def test_writes_are_cut_into_pieces_so_a_slow_peer_shows_progress():
+    wire: list[bytes] = []
+    wlock = threading.Lock()
+    box = Outbox(wire.append, wlock, limit=1 << 22, name="t", on_overflow=lambda why: None)
+    with wlock:                       # queue 3 MiB while nothing can be written
+        for _ in range(48):
+            box.put(b"x" * 65536)
+    assert _drained(box, wire) == b"x" * (48 * 65536)
+    assert max(len(w) for w in wire) <= 65536 and len(wire) >= 48
+    box.close()
+
+
+def test_watchdog_closes_a_peer_that_takes_nothing_for_the_send_timeout():
+    dog = Watchdog(Limits(idle_timeout=60, send_timeout=5), tick=1)
+    stuck, slow = _Conn(ready=True), _Conn(ready=True)
+    for c in (stuck, slow):
+        dog.watch(c)
+        c.stalled_since = 0.0
+    for now in range(0, 6):
+        stuck.rx += 1                  # it still sends requests: rx moves, sends do not
+        slow.rx += 1
+        if now % 2:
+            slow.stalled_since = float(now)   # a write completed now and then
+        dog.check(float(now))
+    assert len(stuck.aborted) == 1 and "nothing taken for 5 s" in stuck.aborted[0]
+    assert "--send-timeout 5" in stuck.aborted[0]
+    assert not slow.aborted
+
+
+def test_watchdog_does_not_count_its_own_pause_as_a_send_stall():
+    dog = Watchdog(Limits(idle_timeout=60, send_timeout=5), tick=0.5)
+    c = _Conn(ready=True)
+    dog.watch(c)
+    c.stalled_since = 0.0
+    dog.check(0.0)
+    dog.check(20.0)                  # this process was stopped for 20 s
+    for now in (20.5, 21.5, 22.5, 23.5, 24.5):
+        c.rx += 1
+        dog.check(now)
+    assert not c.aborted
+    dog.check(25.0)
+    assert len(c.aborted) == 1

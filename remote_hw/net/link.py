@@ -29,6 +29,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -132,6 +133,9 @@ class ServerLink:
         # False: do not offer POSTED, so every access waits for its answer (--no-posting).
         self.posting = posting
         self._shadows: dict[tuple[int, str], DeviceShadow] = {}
+        # Server-to-server links: the recent POSTs passed on (forward_post), to send
+        # again after a resumed session (see resend_posts).
+        self._forwarded: deque[tuple[int, tuple[Any, ...]]] = deque(maxlen=m.WRITE_WINDOW)
         self._held: list[bytes] = []
         self._corks = 0
         self.post_failures = 0
@@ -139,6 +143,12 @@ class ServerLink:
         # to the forwarder instead of keeping them (server/forward.py).
         self.on_shadow = on_shadow
         self.on_post_failed = on_post_failed
+        #: TLS: the certificate name the server must present (a server-to-server link
+        #: names the server it means; None: any server certificate of the CA)
+        self.expect_name: str | None = None
+        #: where the server is now, asked again before each reconnect attempt (a
+        #: directory's answer: a restarted server may listen elsewhere); None: fixed
+        self.locate: Callable[[], tuple[str, int] | None] | None = None
 
     # -- connection -------------------------------------------------------------
 
@@ -176,14 +186,19 @@ class ServerLink:
         try:
             if self.tls is not None:
                 t: Transport = TlsTransport.wrap_client(raw, self.tls.client_context(),
-                                                        READ_SLICE, connect_timeout)
+                                                        READ_SLICE, connect_timeout,
+                                                        send_timeout=self.timeout)
                 if t.identity is None or t.identity.role != "server":
                     t.close()
                     raise LinkError(f"{where}: its certificate ({t.identity}) is not a "
                                     "server's; refusing to talk to it")
+                if self.expect_name is not None and t.identity.name != self.expect_name:
+                    t.close()
+                    raise LinkError(f"{where}: presents certificate {t.identity.name!r}, "
+                                    f"not {self.expect_name!r}; refused")
                 self.peer = t.identity
             else:
-                t = Transport(raw, READ_SLICE)
+                t = Transport(raw, READ_SLICE, send_timeout=self.timeout)
         except (ssl.SSLError, KeyMaterialError) as e:
             raw.close()
             raise LinkError(f"{where}: TLS handshake failed: {e}") from None
@@ -379,14 +394,27 @@ class ServerLink:
         """Release every device instance of ``vm_id`` on this server."""
         if self._recovery is not None:
             self._recovery.detached_vm(vm_id, client_id)
-        return self._call_msg(lambda rid: m.Detach(request_id=rid, vm_id=vm_id,
-                                                   client_id=client_id))
+        status = self._call_msg(lambda rid: m.Detach(request_id=rid, vm_id=vm_id,
+                                                     client_id=client_id))
+        if status == Status.UNREACHABLE and self._recovery is not None:
+            # The link is down: a resumed session still holds the VM's devices, so
+            # the DETACH goes first once it is back.
+            self._recovery.unsent_detaches[(vm_id, client_id)] = None
+        return status
 
     def origin(self, client_id: int, name: str) -> int:
         """Server-to-server links: name the authenticated client behind ``client_id``
         (ORIGIN), so that the device's server applies its own ``--allow`` to it."""
-        return self._call_msg(lambda rid: m.Origin(request_id=rid, client_id=client_id,
-                                                   name=name))
+        status = self._call_msg(lambda rid: m.Origin(request_id=rid, client_id=client_id,
+                                                     name=name))
+        if status == Status.OK and self._recovery is not None:
+            self._recovery.origins[client_id] = name   # named again on a fresh session
+        return status
+
+    def forget_origin(self, client_id: int) -> None:
+        """The client behind ``client_id`` is gone: a fresh session does not name it."""
+        if self._recovery is not None:
+            self._recovery.origins.pop(client_id, None)
 
     def request_resume(self, token: int) -> tuple[int, int]:
         """RESUME: (status, token). Token 0 asks the server to keep this session for a
@@ -654,8 +682,10 @@ class ServerLink:
         """Server-to-server links: pass a client's POST on under ``rid`` (from
         :meth:`post_id`); False when the link is down. A failure comes back to
         ``on_post_failed``."""
-        sent = self._send_post(rid, vm_id, client_id, kind, offset, size, data, hops,
-                               server_id, device)
+        args = (rid, vm_id, client_id, kind, offset, size, data, hops, server_id, device)
+        if self._recovery is not None:   # kept before it is sent: the link may break
+            self._forwarded.append((rid & ~POST_ID_BIT, args))
+        sent = self._send_post(*args)
         return bool(sent) and self.up
 
     def _send_post(self, rid: int, vm_id: int, client_id: int, kind: int, offset: int,
@@ -767,6 +797,18 @@ class ServerLink:
                     frames.append(self._conn.send_post(rid, sh.vm_id, 0, offset, data, kind,
                                                        size, 0, server_id, sh.device))
                     n += 1
+        # Forwarded POSTs (an entry server's link) are not acknowledged to this link,
+        # so the recent ones are all sent again: those the server applied are in its
+        # window of recent writes (m.WRITE_WINDOW) and answered from it, as long as
+        # fewer requests than that were issued since. Older ones are not re-sent.
+        newest = next(self._ids)
+        for low, (rid, vm_id, client_id, kind, offset, size, data, hops, server_id,
+                  device) in list(self._forwarded):
+            if newest - low < m.WRITE_WINDOW:
+                frames.append(self._conn.send_post(rid, vm_id, client_id, offset, data, kind,
+                                                   size, hops, server_id, device))
+                n += 1
+        self._forwarded.clear()
         if frames:
             send(b"".join(frames))
         return n
@@ -775,6 +817,7 @@ class ServerLink:
         """After a connection whose session was not resumed: every device starts again;
         returns how many POSTs may have been lost."""
         lost = 0
+        self._forwarded.clear()   # mostly applied (they are never acknowledged here)
         for sh in self._shadows.values():
             n = sh.clear()
             sh.lost += n

@@ -75,6 +75,12 @@ class Recovery:
         self.link = link
         self.token = 0  # the session's resume token (0: not resumable)
         self.attached: dict[AttachKey, None] = {}  # an ordered set
+        # A server-to-server link: the clients it named (ORIGIN), named again before
+        # their devices are attached again on a fresh session.
+        self.origins: dict[int, str] = {}
+        # DETACHes that could not be sent while the link was down (vm id, client id):
+        # a resumed session still holds those devices.
+        self.unsent_detaches: dict[tuple[int, int], None] = {}
         self._retries: list[IoArgs] = []
         self._lock = threading.Lock()
         self._installing = False
@@ -103,6 +109,7 @@ class Recovery:
     def detached_vm(self, vm_id: int, client_id: int) -> None:
         for key in [k for k in self.attached if k[0] == vm_id and k[3] == client_id]:
             del self.attached[key]
+        self.unsent_detaches.pop((vm_id, client_id), None)
 
     def in_flight(self, args: IoArgs) -> None:
         """A write that was sent (or about to be) when the link broke: retry it on
@@ -159,6 +166,15 @@ class Recovery:
         attempt = 0
         while not self._stop.wait(backoff(attempt)):
             attempt += 1
+            if link.locate is not None:   # it may have moved (a directory's answer)
+                try:
+                    address = link.locate()
+                except Exception as e:    # a directory that is down: try where it was
+                    log.debug("%s: lookup failed: %s", where, e)
+                    address = None
+                if address is not None and address != link.address:
+                    log.info("%s: now at %s:%d", where, *address)
+                    link.address = address
             try:
                 t, conn, welcome = link._handshake(min(link.timeout, CONNECT_TIMEOUT))
             except Exception as e:  # LinkError mostly; nothing may kill this thread
@@ -192,6 +208,9 @@ class Recovery:
             resumed = status == Status.OK
         if resumed:
             self.resumed += 1
+            for vm_id, client_id in list(self.unsent_detaches):
+                ex.call(m.Detach(request_id=ex.rid(), vm_id=vm_id, client_id=client_id))
+                self.unsent_detaches.pop((vm_id, client_id), None)
             # POSTs not known applied go first, as they were sent first; the server
             # applies each request id once (posting.py), so re-sending is safe.
             reposted = self.link.resend_posts(t.send)
@@ -215,12 +234,19 @@ class Recovery:
             dropped, self._retries = len(self._retries), []
             self._installing = True
         dropped += self.link.forget_posts()  # their devices are new: nothing to re-send
+        self.unsent_detaches.clear()          # a new session holds nothing to detach
         self.token = 0
         if conn.features & FEATURE_RESUME:
             status, token = ex.call(m.Resume(request_id=ex.rid(), token=0))
             if status == Status.OK:
                 self.token = token
         failed = []
+        if conn.features & m.FEATURE_ORIGIN:
+            for client_id, name in list(self.origins.items()):
+                status, _ = ex.call(m.Origin(request_id=ex.rid(), client_id=client_id,
+                                             name=name))
+                if status != Status.OK:
+                    failed.append(f"client {client_id} ({name}): {Status(status).name}")
         for vm_id, device, server_id, client_id in list(self.attached):
             status, _ = ex.call(m.Attach(request_id=ex.rid(), vm_id=vm_id, client_id=client_id,
                                          server_id=server_id, device_id=device))

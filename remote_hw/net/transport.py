@@ -9,6 +9,10 @@ and waits for readiness with poll() outside the lock.
 
 ``recv`` returns bytes, ``b""`` at EOF, or None when ``read_slice`` seconds passed
 without data (so a caller can check its deadline); ``read_slice=None`` waits forever.
+``send`` raises ``TimeoutError`` (an OSError) when the peer takes nothing for
+``send_timeout`` seconds (None: it waits forever). A client's link sets it to its
+access timeout: a server that stopped reading (stopped, or cut off with the socket's
+buffer full) must not hold a vCPU, or an entry server's session, in ``send``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from remote_hw.net.security import Identity, KeyMaterialError, peer_identity
@@ -25,19 +30,27 @@ from remote_hw.net.security import Identity, KeyMaterialError, peer_identity
 RECV_SIZE = 65536
 
 
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+
+
 class Transport:
     """Plain TCP."""
 
     identity: Identity | None = None
 
-    def __init__(self, sock: socket.socket, read_slice: float | None = None) -> None:
+    def __init__(self, sock: socket.socket, read_slice: float | None = None,
+                 send_timeout: float | None = None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
         if read_slice is not None:
             # A kernel-side receive timeout: no poll() per read on the hot path, yet a
             # reader wakes up every read_slice seconds to check its deadline.
-            tv = struct.pack("ll", int(read_slice), int((read_slice % 1) * 1e6))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(read_slice))
+        if send_timeout is not None:
+            # Kernel-side too: a send that makes no progress for this long fails with
+            # EAGAIN (Python's sendall and the C fast path raise it as an OSError).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send_timeout))
         self.sock = sock
         # The server's hot path: recv_raw(size) -> bytes, b"" at EOF, None on timeout.
         self.recv_raw: Callable[[int], bytes | None] = sock.recv
@@ -61,8 +74,16 @@ class Transport:
         return False
 
     def shutdown(self) -> None:
+        """Wake whatever blocks on the connection and end it both ways.
+
+        The plain socket's method, also under TLS: ``SSLSocket.shutdown`` drops the
+        SSL object first, after which a thread still reading gets the raw TLS records
+        left in the kernel's buffer as if they were the stream (a session then parsed
+        encrypted bytes as frames: "bad magic b'\\x17\\x03'"). Kept, the records
+        still buffered are decrypted and read as usual, and then the reader sees EOF.
+        """
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -80,9 +101,11 @@ class Transport:
 class TlsTransport(Transport):
     """Mutual TLS; safe for one reader and several writers at once."""
 
-    def __init__(self, sock: ssl.SSLSocket, read_slice: float | None = None) -> None:
+    def __init__(self, sock: ssl.SSLSocket, read_slice: float | None = None,
+                 send_timeout: float | None = None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.identity = peer_identity(sock)
+        self.send_timeout = send_timeout
         sock.setblocking(False)
         self.sock: ssl.SSLSocket = sock  # narrower than the base
         self.read_slice = read_slice
@@ -102,10 +125,11 @@ class TlsTransport(Transport):
 
     @classmethod
     def wrap_client(cls, raw: socket.socket, ctx: ssl.SSLContext, read_slice: float | None,
-                    handshake_timeout: float = 10.0) -> TlsTransport:
+                    handshake_timeout: float = 10.0,
+                    send_timeout: float | None = None) -> TlsTransport:
         raw.settimeout(handshake_timeout)
         sock = ctx.wrap_socket(raw, server_side=False)
-        return cls(sock, read_slice)
+        return cls(sock, read_slice, send_timeout)
 
     def _wait(self, events: int, timeout: float | None) -> bool:
         p = select.poll()
@@ -114,6 +138,8 @@ class TlsTransport(Transport):
 
     def send(self, data: bytes) -> None:
         view = memoryview(data)
+        limit = self.send_timeout
+        stuck = 0.0   # seconds waited since the last progress
         while view:
             with self._lock:
                 try:
@@ -124,8 +150,14 @@ class TlsTransport(Transport):
                     n = -1
             if n > 0:
                 view = view[n:]
-            else:
-                self._wait(select.POLLOUT if n == 0 else select.POLLIN, 1.0)
+                stuck = 0.0
+                continue
+            slice_ = 1.0 if limit is None else min(1.0, max(0.0, limit - stuck))
+            if limit is not None and slice_ <= 0:
+                raise TimeoutError(f"the peer took nothing for {limit:g} s")
+            t0 = time.monotonic()
+            self._wait(select.POLLOUT if n == 0 else select.POLLIN, slice_)
+            stuck += time.monotonic() - t0
 
     def recv(self) -> bytes | None:
         sock = self.sock

@@ -42,6 +42,11 @@ PRE_HANDSHAKE_MAX_PAYLOAD = 1024
 ABSOLUTE_MAX_PAYLOAD = 1 << 20
 #: What this implementation offers in HELLO/WELCOME unless told otherwise.
 DEFAULT_MAX_PAYLOAD = 65536
+#: How many recent writes (request ids, POSTs included) a resumable session's server
+#: remembers, so that a write re-sent after RESUME is applied once (docs/protocol.md).
+#: A client may rely on it: a write it re-sends within this many requests of the
+#: newest it issued is answered from memory if it was applied.
+WRITE_WINDOW = 4096
 
 #: Longest identifier (server id, device id, names), in bytes.
 MAX_ID_LENGTH = 64

@@ -18,10 +18,17 @@ the client's own id; the device's SHADOWs for the client come back on the peer l
 and are handed to the client's session like its interrupts. An entry server keeps no
 shadow of its own.
 
-When a peer goes away its routes stay: the next access looks the device up again (at
-most once a second per server), reconnects, re-attaches the VM and carries on, so a
-restarted or moved server is found again. Until then accesses fail at once with
-UNREACHABLE and the VM sees a removed device.
+A link to a device server is resumable, as an agent's is (``reconnect=True``,
+net/recovery.py; the device's server parks the link's session with every client it
+speaks for, resume.py). When it breaks (a partition between the servers, the device
+server stopped and continued), the link reconnects by itself with back-off, asking
+the directory where the server is now, and takes its session back: the devices are
+as the guests left them, and a write in flight is retried under its request id and
+applied once. When the device server has restarted (or the grace period ran out), the
+link names its clients again (ORIGIN) and re-attaches their devices, which start
+from power-on state. Meanwhile accesses fail at once with UNREACHABLE (the VM sees a
+removed device) and never wait for the recovery. A device the directory now places
+on *another* server is followed there at the next access (at most once a second).
 """
 
 from __future__ import annotations
@@ -94,8 +101,10 @@ class Forwarder:
             return link
         with self._lock:
             link = self._links.get(target)
-            if link is not None and link.up:
-                return link
+            if link is not None:
+                # Up, or its recovery is bringing it back: accesses fail at once
+                # meanwhile (they never wait for a reconnect).
+                return link if link.up else None
             now = time.monotonic()
             if now < self._next_try.get(target, 0.0):
                 return None
@@ -106,16 +115,15 @@ class Forwarder:
                 return None
             link = ServerLink(target, address, client_name=self.server_id,
                               timeout=self.timeout, tls=self.tls, role=Role.PEER,
+                              reconnect=True,
                               on_interrupt=self._on_interrupt, on_event=self._on_event,
                               on_shadow=self._on_shadow, on_post_failed=self._on_post_failed)
+            link.expect_name = target if self.tls is not None else None
+            link.locate = lambda: self.directory.address(target)
             try:
                 link.connect(min(self.timeout, 5.0))
             except LinkError as e:
                 log.warning("cannot reach server %s: %s", target, e)
-                return None
-            if self.tls is not None and link.peer is not None and link.peer.name != target:
-                log.error("server at %s:%d presents certificate %r, not %r; refused",
-                          *address, link.peer.name, target)
                 link.close()
                 return None
             self._links[target] = link
@@ -260,13 +268,19 @@ class Forwarder:
         keys = [k for k in list(self.routes)
                 if k[0] == client_id and (vm_id is None or k[1] == vm_id)]
         done: set[tuple[int, str | None]] = set()
+        links: set[ServerLink] = set()
         for key in keys:
             target = self.routes.pop(key, None)
             link = self._attached_on.pop(key, None)
-            if link is not None and link.up and (key[1], target) not in done:
+            if link is not None and (key[1], target) not in done:
+                # Also while the link is down: it sends the DETACH once it is back
+                # (its session, resumed, still holds the VM's devices).
                 done.add((key[1], target))
                 link.detach(key[1], client_id=client_id)
+                links.add(link)
         if vm_id is None:
+            for link in links | set(self._links.values()):
+                link.forget_origin(client_id)
             self._origins.pop(client_id, None)
             for told in [k for k in self._told if k[0] == client_id]:
                 del self._told[told]

@@ -39,6 +39,11 @@ REFUSE_BURST = 32
 #: the listen backlog while paused with the server full (the usual one is BACKLOG)
 PAUSED_BACKLOG = 16
 BACKLOG = 128
+#: How long a forwarded access waits for the device's server (``--forward-timeout``):
+#: below the clients' default ``--timeout`` (5 s), so that a device server that is cut
+#: off answers the client UNREACHABLE (a removed device) before the client gives up on
+#: the entry server itself and reconnects to it.
+FORWARD_TIMEOUT = 4.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,9 @@ class Limits:
     #: seconds with nothing received, PINGs included, before a connection is closed;
     #: PINGs go out after a third and two thirds of it (``--idle-timeout``)
     idle_timeout: float = 60.0
+    #: seconds frames may wait for a peer with none of them taken before the
+    #: connection is closed (``--send-timeout``)
+    send_timeout: float = 30.0
     #: device attachments one client id may hold (``--max-instances-per-client``)
     max_instances_per_client: int = 256
     #: bytes queued for a connection that does not read them before it is dropped
@@ -66,7 +74,7 @@ class Limits:
                      "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("handshake_timeout", "idle_timeout"):
+        for name in ("handshake_timeout", "idle_timeout", "send_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be above 0 seconds")
 

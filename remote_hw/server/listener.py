@@ -47,7 +47,14 @@ from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import ErrorCode
 from remote_hw.server.controller import Controller
 from remote_hw.server.directory import Directory, StaticDirectory
-from remote_hw.server.limits import BACKLOG, PAUSED_BACKLOG, AcceptPacer, ConnectionGate, Limits
+from remote_hw.server.limits import (
+    BACKLOG,
+    FORWARD_TIMEOUT,
+    PAUSED_BACKLOG,
+    AcceptPacer,
+    ConnectionGate,
+    Limits,
+)
 from remote_hw.server.policy import AccessPolicy
 from remote_hw.server.router import Router
 from remote_hw.server.session import ClientSession
@@ -95,6 +102,9 @@ class _Handshaking:
     def ping(self, nonce: int) -> None:
         pass
 
+    def stalled(self, now: float) -> float:
+        return 0.0   # nothing is ever queued for a connection that has not spoken
+
     def abort(self, why: str) -> None:
         self.aborted = True
         self.closing_log("%s: closing: %s", self.peer, why)
@@ -113,7 +123,8 @@ class Server:
     def __init__(self, controller: Controller, host: str = "127.0.0.1", port: int = 7700,
                  max_payload: int = m.DEFAULT_MAX_PAYLOAD, *, tls: TlsConfig | None = None,
                  directory: Directory | None = None, acl: dict[str, set[str]] | None = None,
-                 forward_timeout: float = 5.0, limits: Limits | None = None) -> None:
+                 forward_timeout: float = FORWARD_TIMEOUT,
+                 limits: Limits | None = None) -> None:
         self.controller = controller
         self.limits = limits or Limits()
         controller.max_instances_per_client = self.limits.max_instances_per_client

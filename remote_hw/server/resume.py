@@ -44,9 +44,11 @@ RESUME_DRAIN = 2.0
 #: How long a parked session keeps its device instances (seconds).
 DEFAULT_GRACE = 30.0
 #: How many recent writes a session remembers the answers of. A client retries only
-#: what was in flight when its connection broke (one access per vCPU), so this is
-#: ample; it bounds the memory a client can make the server hold.
-WINDOW = 4096
+#: what was in flight when its connection broke (one access per vCPU, and its
+#: unacknowledged POSTs), so this is ample; it bounds the memory a client can make the
+#: server hold. A protocol promise (m.WRITE_WINDOW): an entry server's peer link
+#: re-sends forwarded POSTs by it.
+WINDOW = m.WRITE_WINDOW
 
 Answer = tuple[int, int]  # (status, value)
 
@@ -142,6 +144,14 @@ class Resumable:
     owner: Any = None
     #: while parked: when it is released (time.monotonic())
     expires: float = 0.0
+    #: a peer server's session: the clients it speaks for (origin id -> (local client
+    #: id, sink)) and their authenticated names; they are parked and resumed with it
+    origins: dict[int, Any] | None = None
+    origin_names: dict[int, str] | None = None
+
+    def client_ids(self) -> list[int]:
+        """The local client ids this session holds: its own, and a peer's origins'."""
+        return [self.client_id, *(local for local, _ in (self.origins or {}).values())]
 
 
 class ResumeTable:
@@ -176,16 +186,20 @@ class ResumeTable:
             self._by_token[token] = res
         return res
 
-    def claim(self, token: int, name: str, owner: Any) -> tuple[Resumable | None, Any, str]:
+    def claim(self, token: int, name: str, owner: Any,
+              peer: bool = False) -> tuple[Resumable | None, Any, str]:
         """Give the session of ``token`` to ``owner``: (session, its previous owner,
         ''), or (None, None, why) when the token is unknown, expired or another
-        identity's."""
+        identity's (or a peer server's link's, and ``owner`` is not one: ``peer``)."""
         with self._cond:
             res = self._by_token.get(token)
             if res is None:
                 return None, None, "unknown"
             if res.name != name:
                 return None, None, f"belongs to {res.name!r}"
+            if (res.origins is not None) != peer:
+                return None, None, ("belongs to a peer server's link" if peer is False
+                                    else "belongs to a client, not a peer server")
             self._parked.pop(token, None)
             previous, res.owner = res.owner, owner
             res.relay.target = owner
@@ -217,7 +231,8 @@ class ResumeTable:
         for old in evicted:
             log.warning("client %d (%s): parked session released early: too many parked "
                         "sessions", old.client_id, old.name)
-            self._expire_cb(old.client_id)
+            for client_id in old.client_ids():
+                self._expire_cb(client_id)
 
     def _forget(self, res: Resumable) -> Resumable:
         self._parked.pop(res.token, None)
@@ -241,10 +256,11 @@ class ResumeTable:
             for res in due:
                 log.info("client %d (%s): not resumed within %g s; its devices are "
                          "released", res.client_id, res.name, self.grace)
-                try:
-                    self._expire_cb(res.client_id)
-                except Exception:  # one failed release must not stop the others
-                    log.exception("releasing client %d failed", res.client_id)
+                for client_id in res.client_ids():
+                    try:
+                        self._expire_cb(client_id)
+                    except Exception:  # one failed release must not stop the others
+                        log.exception("releasing client %d failed", client_id)
 
     def close(self) -> None:
         with self._cond:
@@ -264,19 +280,22 @@ def on_resume(session: ClientSession, req: m.Resume) -> None:
     """RESUME: token 0 makes this session resumable; another token takes one back."""
     table: ResumeTable = session._router.resumes
     status, token = Status.OK, 0
-    if session.is_peer:
-        status = Status.DENIED  # a peer's sessions follow its clients', not its own
-    elif req.token == 0 or (session.resumable is not None
-                            and session.resumable.token == req.token):
+    if req.token == 0 or (session.resumable is not None
+                          and session.resumable.token == req.token):
         if session.resumable is None:
             session.resumable = table.open(session.client_id, session.name, session._sink,
                                            session)
             session._window = session.resumable.window
+            if session.is_peer:
+                # A peer server's link: the clients it speaks for are its session's.
+                session.resumable.origins = session._origins
+                session.resumable.origin_names = session.origin_names
         token = session.resumable.token
     elif session.resumable is not None:
         status = Status.DENIED  # one session per connection: resume before anything else
     else:
-        res, previous, why = table.claim(req.token, session.name, session)
+        res, previous, why = table.claim(req.token, session.name, session,
+                                         peer=session.is_peer)
         if res is None:
             status = Status.NOT_ATTACHED if why == "unknown" else Status.DENIED
             log.info("%s: client %d (%s) asked to resume a session that %s; it starts "
@@ -284,9 +303,12 @@ def on_resume(session: ClientSession, req: m.Resume) -> None:
                      "this server does not know (restarted, or expired)"
                      if why == "unknown" else why)
         else:
-            fresh = session.client_id
-            session._router.detach(fresh)
-            session._router.remove_client(fresh)
+            for fresh in [session.client_id,
+                          *(local for local, _ in session._origins.values())]:
+                session._router.detach(fresh)
+                session._router.remove_client(fresh)
+            if res.origins is not None and res.origin_names is not None:
+                session._origins, session.origin_names = res.origins, res.origin_names
             session.client_id = res.client_id
             session._sink = res.relay
             session._window = res.window
@@ -303,12 +325,16 @@ def on_resume(session: ClientSession, req: m.Resume) -> None:
                             status=status, size=8 if token else 0, data=token))
     if token and req.token == token:
         # Line changes while the session had no connection went nowhere: say them again.
+        # (A peer's: for each client it speaks for, through that client's sink.)
         controller = session._router.controller
-        for vm, device, line, level in controller.line_levels(session.client_id):
-            session._sink.interrupt(vm, device, line, level)
-        # The client forgot its shadows with the connection: give them again.
-        for vm, device in controller.attached(session.client_id):
-            controller.republish(session.client_id, vm, device)
+        holders: list[tuple[int, Any]] = [(session.client_id, session._sink),
+                                          *session._origins.values()]
+        for client_id, sink in holders:
+            for vm, device, line, level in controller.line_levels(client_id):
+                sink.interrupt(vm, device, line, level)
+            # The client forgot its shadows with the connection: give them again.
+            for vm, device in controller.attached(client_id):
+                controller.republish(client_id, vm, device)
 
 
 def release(session: ClientSession) -> bool:

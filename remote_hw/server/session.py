@@ -31,8 +31,10 @@ per-request warnings rate-limited with a count.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +67,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("remote_hw.server")
 _send_feedback = fastio.send_feedback
 _NOT_ATTACHED = int(Status.NOT_ATTACHED)
+#: ioctl: bytes in a TCP socket's send queue not yet sent (linux/sockios.h)
+_SIOCOUTQNSD = 0x894B
 _WRITE = int(m.Direction.WRITE)
 #: The longest ERROR text accepted from a peer (bytes); a longer one closes the
 #: connection (our own are a line; a peer has no reason to send pages).
@@ -86,38 +90,47 @@ class _Closing(Exception):
 
 class _OriginSink:
     """Interrupts (and shadows, failed POSTs) for a client a peer server speaks for:
-    tagged with *its* client id."""
+    tagged with *its* client id, sent on whichever connection holds the peer's
+    session now (``relay.target``: a resumed peer session takes its origins along;
+    None while the session is parked, and then they are dropped as a client's are)."""
 
-    __slots__ = ("session", "origin", "applied")
+    __slots__ = ("relay", "origin", "applied")
 
-    def __init__(self, session: ClientSession, origin: int) -> None:
-        self.session = session
+    def __init__(self, relay: SinkRelay, origin: int) -> None:
+        self.relay = relay
         self.origin = origin
         self.applied: dict[tuple[int, str], int] = {}  # POSTs applied (posting.py)
 
     def wants_shadow(self) -> bool:
-        return self.session.wants_shadow()
+        s = self.relay.target
+        return s is not None and s.wants_shadow()
 
     def shadow(self, vm_id: int, device: str, shadow: Any) -> None:
-        self.session._emit(shadow_message(vm_id, self.origin, device, shadow,
-                                          self.applied.get((vm_id, device), 0)))
+        s = self.relay.target
+        if s is not None:
+            s._emit(shadow_message(vm_id, self.origin, device, shadow,
+                                   self.applied.get((vm_id, device), 0)))
 
     def forwarded_shadow(self, msg: m.Shadow) -> None:
-        if self.session.wants_shadow():
-            self.session._emit(dataclasses.replace(msg, client_id=self.origin))
+        s = self.relay.target
+        if s is not None and s.wants_shadow():
+            s._emit(dataclasses.replace(msg, client_id=self.origin))
 
     def forwarded_post_failed(self, vm_id: int, rid: int, status: int) -> None:
-        self.session.send(m.Feedback(request_id=rid, vm_id=vm_id, client_id=self.origin,
-                                     status=Status(status), size=0, data=0))
+        s = self.relay.target
+        if s is not None:
+            s.send(m.Feedback(request_id=rid, vm_id=vm_id, client_id=self.origin,
+                              status=Status(status), size=0, data=0))
 
     def interrupt(self, vm_id: int, device: str, line: int, level: bool) -> None:
-        self.session._emit(m.Interrupt(vm_id=vm_id, client_id=self.origin, line=line,
-                                       level=int(level), device_id=device))
+        s = self.relay.target
+        if s is not None:
+            s._level(self.origin, vm_id, device, line, level)
 
     def event(self, vm_id: int, device: str, name: str) -> None:
-        if self.session._events_ok(vm_id, device, name):
-            self.session._emit(m.Event(vm_id=vm_id, client_id=self.origin,
-                                       device_id=device, name=name))
+        s = self.relay.target
+        if s is not None and s._events_ok(vm_id, device, name):
+            s._emit(m.Event(vm_id=vm_id, client_id=self.origin, device_id=device, name=name))
 
 
 class ClientSession:
@@ -149,7 +162,8 @@ class ClientSession:
         self._events_dropped = 0
         limits = server.limits
         self._outbox = Outbox(self._write, self._wlock, limits.max_queue, peer,
-                              self._overflow)
+                              self._overflow, encode_level=self._level_frame,
+                              unsent=self._unsent)
         # What the watchdog looks at: accept time, the handshake, receive progress.
         self.accepted_at = time.monotonic()
         self.ready = False
@@ -181,8 +195,7 @@ class ClientSession:
     # -- SessionSink --------------------------------------------------------------
 
     def interrupt(self, vm_id: int, device: str, line: int, level: bool) -> None:
-        self._emit(m.Interrupt(vm_id=vm_id, client_id=self.client_id, line=line,
-                               level=int(level), device_id=device))
+        self._level(self.client_id, vm_id, device, line, level)
 
     def event(self, vm_id: int, device: str, name: str) -> None:
         if self._events_ok(vm_id, device, name):
@@ -261,6 +274,29 @@ class ClientSession:
         # Queued either way, so frames keep the order they were raised in; this thread's
         # own are sent with its feedback (see _local), others' by the writer thread.
         self._outbox.put(frame, not (self._batching and threading.get_ident() == self._thread_id))
+
+    def _level(self, client_id: int, vm_id: int, device: str, line: int,
+               level: bool) -> None:
+        """An interrupt line changed: held while this peer is behind (see outbox.py),
+        else sent as an INTERRUPT like any other frame."""
+        if not self._outbox.hold_level((client_id, vm_id, device, line), level):
+            self._emit(m.Interrupt(vm_id=vm_id, client_id=client_id, line=line,
+                                   level=int(level), device_id=device))
+
+    def _level_frame(self, key: Any, level: bool) -> bytes:
+        """The INTERRUPT frame of a held level (the outbox's ``encode_level``)."""
+        client_id, vm_id, device, line = key
+        return self.conn.send(m.Interrupt(vm_id=vm_id, client_id=client_id, line=line,
+                                          level=int(level), device_id=device))
+
+    def stalled(self, now: float) -> float:
+        """Seconds frames for this peer have waited with no write completing."""
+        return self._outbox.stalled(now)
+
+    def _unsent(self) -> int:
+        """Bytes the kernel holds for the peer, not yet sent (its window is closed)."""
+        return int.from_bytes(fcntl.ioctl(self.t.sock.fileno(), _SIOCOUTQNSD, b"\0" * 4),
+                              sys.byteorder, signed=True)
 
     def ping(self, nonce: int) -> None:
         """The watchdog's keep-alive (queued: never blocks the watchdog)."""
@@ -533,7 +569,7 @@ class ClientSession:
             return self.client_id, self._sink
         who = self._origins.get(claimed)
         if who is None:
-            sink = _OriginSink(self, claimed)
+            sink = _OriginSink(self._sink, claimed)
             who = self._origins[claimed] = (self._router.add_client(sink), sink)
         return who
 
@@ -726,10 +762,11 @@ class ClientSession:
         self._outbox.close()
         self._noisy.flush(f"{self.peer} (client {self.client_id})")
         self.t.close()
-        kept = release(self)  # a resumable session is parked, not released
-        for local in [0 if kept else self.client_id,
-                      *(local for local, _ in self._origins.values())]:
-            if local:
-                self._router.detach(local)
-                self._router.remove_client(local)
+        # A resumable session is parked, not released (a peer's with the clients it
+        # speaks for: their devices wait for the peer's link to come back).
+        if not release(self):
+            for local in [self.client_id, *(local for local, _ in self._origins.values())]:
+                if local:
+                    self._router.detach(local)
+                    self._router.remove_client(local)
         self.server.forget(self)

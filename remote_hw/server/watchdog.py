@@ -16,7 +16,12 @@ What it checks, per connection (:class:`Watched`):
   (again at two thirds); nothing at all, not even the PONG, for ``idle_timeout``:
   closed. A client's link answers PINGs from its background reader, so an idle but
   live VM is never dropped; a peer that stopped reading stops reading PINGs too, and
-  one whose connection thread is blocked writing to it makes no progress either.
+  one whose connection thread is blocked writing to it makes no progress either;
+* through it, frames waiting for the peer and no write completing for
+  ``send_timeout``: closed. A peer that stops reading while it still sends requests
+  (or one that only receives interrupts) moves ``rx`` but not this clock; its
+  outbound queue stops growing once it is behind (interrupt levels are held, see
+  outbox.py), so without this it would hold its session for good.
 
 If this process itself was stopped (SIGSTOP, a debugger) or starved, the gap between
 two checks shows it, and every deadline restarts: the peers' bytes sent meanwhile
@@ -56,6 +61,9 @@ class Watched(Protocol):
     def ping(self, nonce: int) -> None:
         """Queue a PING (never blocks)."""
 
+    def stalled(self, now: float) -> float:
+        """Seconds frames for the peer have waited with no write completing."""
+
     def abort(self, why: str) -> None:
         """Log ``why`` once, tell the peer where the protocol allows, close."""
 
@@ -67,6 +75,8 @@ class _State:
     rx: int = -1
     since: float = 0.0
     pings: int = 0
+    #: the end of this process's last pause: no send stall is counted from before it
+    resumed: float = float("-inf")
 
 #: A gap between two checks longer than this many ticks means this process was
 #: stopped (SIGSTOP) or starved, not that every peer fell silent: deadlines restart.
@@ -127,13 +137,20 @@ class Watchdog:
             if paused:
                 # The server itself was stopped: what peers sent meanwhile is still
                 # unread, so nobody is late because of it.
-                st.start = st.since = now
+                st.start = st.since = st.resumed = now
             if not conn.ready:
                 late = now - max(conn.accepted_at, st.start)
                 if late >= lim.handshake_timeout:
                     self.forget(conn)
                     conn.abort(f"no HELLO within {lim.handshake_timeout:g} s of connecting "
                                f"(--handshake-timeout)")
+                continue
+            stalled = min(conn.stalled(now), now - st.resumed)
+            if stalled >= lim.send_timeout:
+                self.forget(conn)
+                conn.abort(f"it does not read what the server sends: nothing taken for "
+                           f"{stalled:.0f} s while frames wait (--send-timeout "
+                           f"{lim.send_timeout:g})")
                 continue
             rx = conn.rx
             if rx != st.rx:

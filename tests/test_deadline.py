@@ -64,3 +64,47 @@ def test_a_stopped_server_ends_the_wait_at_the_timeout(tmp_path, monkeypatch, fa
             os.kill(server.p.pid, signal.SIGCONT)
         vm.stop()
         server.stop()
+
+
+@pytest.mark.parametrize("fastio,tls", [("1", False), ("0", False), ("0", True)],
+                         ids=["c-path", "python-path", "tls"])
+def test_a_stopped_server_does_not_hold_a_sender_past_the_timeout(tmp_path, monkeypatch,
+                                                                  fastio, tls):
+    """Writes that are not answered (POSTs; an entry server passing them on) fill the
+    socket's buffers when the server is stopped. The send that finds them full gives
+    up after the link's timeout and the link reads as down, saying why; before, it
+    blocked for as long as the server stayed stopped (an entry server's session, and
+    its client, with it)."""
+    from remote_hw.net.link import ServerLink
+    from remote_hw.net.security import TlsConfig
+
+    from helpers import make_keys
+    monkeypatch.setenv("REMOTE_HW_FASTIO", fastio)
+    extra: tuple[str, ...] = ()
+    tls_config = None
+    if tls:
+        keys = make_keys(tmp_path / "keys", ["a"], ["c1"])
+        extra = ("--tls-dir", str(keys))
+        tls_config = TlsConfig(keys, "c1")
+    server, port = start_server("uart0=uart16550", extra=extra)
+    link = ServerLink("a", ("127.0.0.1", port), client_name="c1", timeout=1.0,
+                      tls=tls_config).connect()
+    stopped = False
+    try:
+        os.kill(server.p.pid, signal.SIGSTOP)
+        stopped = True
+        slowest = 0.0
+        for _ in range(2_000_000):           # ~MBs of frames fill the buffers first
+            t0 = time.monotonic()
+            sent = link.forward_post(link.post_id(), 1, 1, 0, 7, 1, 0x41, 0, "", "uart0")
+            slowest = max(slowest, time.monotonic() - t0)
+            if not sent:
+                break
+        assert not link.up, "the buffers never filled"
+        assert "took nothing sent to it for 1 s" in link.down_reason, link.down_reason
+        assert slowest <= 1.0 + SLACK, slowest
+    finally:
+        if stopped:
+            os.kill(server.p.pid, signal.SIGCONT)
+        link.close()
+        server.stop()

@@ -231,3 +231,95 @@ def test_a_vm_waiting_for_a_stopped_server_does_not_hold_up_another_vm(cold_ids)
         link.close()
         a.stop()
         proc.stop()
+
+
+# ------------------------------------------------------------------ the link between servers
+
+def _until_ok(fn, what: str, timeout: float = 15.0):
+    """Call ``fn`` until its status is OK (the entry's link coming back by itself)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = fn()
+        status = result[0] if isinstance(result, tuple) else result
+        if status == Status.OK:
+            return result
+        assert time.monotonic() < deadline, f"{what}: still {Status(status).name}"
+        time.sleep(0.05)
+
+
+def _cut(a: Server) -> ServerLink:
+    """Break a's connection to b under its link (as a NAT that forgets the flow, or a
+    peer reset, would); the link must notice and come back by itself."""
+    peer = a.router.forwarder._links["b"]
+    t = peer._t
+    assert t is not None
+    t.shutdown()
+    return peer
+
+
+def test_a_cut_link_between_servers_resumes_the_devices_as_they_were(platform, caplog):
+    """The entry's link to b breaks: it reconnects and resumes its session on b, so the
+    UART is the same instance with the same registers (not power-on state), and its
+    asserted interrupt line is said again."""
+    caplog.set_level(logging.INFO, logger="remote_hw")
+    a, b = platform
+    irqs = InterruptRecorder()
+    link = ServerLink("a", a.address, on_interrupt=irqs, timeout=3.0).connect()
+    try:
+        assert link.attach(1, "uart0") == Status.OK
+        for offset, value in ((7, 0x5A), (3, 0x03), (4, 0x08), (1, 0x02)):
+            assert link.io(1, "uart0", PORT, offset, 1, W, value)[0] == Status.OK
+        assert irqs.wait_for((1, "uart0", 0, True))
+        peer = _cut(a)
+        assert _until_ok(lambda: link.io(1, "uart0", PORT, 7, 1, R),
+                         "the scratch register through a") == (Status.OK, 0x5A)
+        assert link.io(1, "uart0", PORT, 3, 1, R) == (Status.OK, 0x03)   # LCR kept
+        assert peer.recovery is not None and peer.recovery.resumed == 1
+        assert len(b.controller.instances()) == 1     # the same instance, not a new one
+        assert "resumed its session" in caplog.text
+        with irqs.cond:   # the level is said again on the resumed session
+            assert irqs.cond.wait_for(
+                lambda: irqs.seen.count((1, "uart0", 0, True)) >= 2, 5)
+    finally:
+        link.close()
+
+
+def test_a_vm_detached_while_the_link_between_servers_is_down_is_detached_on_b(platform):
+    """A client detaches a VM while a's link to b is down: the resumed session would
+    still hold that VM's device on b, so the link sends the DETACH once it is back."""
+    a, b = platform
+    link = ServerLink("a", a.address, timeout=3.0).connect()
+    try:
+        for vm in (1, 2):
+            assert link.attach(vm, "uart0") == Status.OK
+        assert len(b.controller.instances()) == 2
+        _cut(a)
+        assert link.detach(2) == Status.OK        # answered by a at once
+        _until_ok(lambda: link.io(1, "uart0", PORT, 7, 1, R), "vm 1's device through a")
+        deadline = time.monotonic() + 5
+        while len(b.controller.instances()) != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [vm for i in b.controller.instances() for _c, vm in i.sessions] == [1]
+    finally:
+        link.close()
+
+
+def test_a_parked_peer_session_releases_its_clients_devices_when_nobody_resumes_it():
+    """a goes away for good: b parks a's session with the clients a spoke for, and
+    releases their devices when the grace period ends (they are not kept forever)."""
+    b = make_b()
+    b.router.resumes.grace = 0.5
+    a = make_a(b.address)
+    link = ServerLink("a", a.address, timeout=3.0).connect()
+    try:
+        assert link.attach(1, "uart0") == Status.OK
+        assert len(b.controller.instances()) == 1
+        link.close()
+        a.stop()
+        deadline = time.monotonic() + 10
+        while b.controller.instances() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert b.controller.instances() == []
+    finally:
+        a.stop()
+        b.stop()

@@ -143,3 +143,52 @@ def test_an_entry_server_still_works_with_a_device_server_without_origin(keys, c
         alice.close()
         a.stop()
         b.stop()
+
+
+def _until_ok(fn, what: str, timeout: float = 15.0):
+    """Call ``fn`` until its status is OK (the entry's link coming back by itself)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = fn()
+        status = result[0] if isinstance(result, tuple) else result
+        if status == Status.OK:
+            return result
+        assert time.monotonic() < deadline, f"{what}: still {Status(status).name}"
+        time.sleep(0.1)
+
+
+def test_after_the_device_server_restarts_the_entry_names_its_clients_again(keys, caplog):
+    """b restarts (a new session for a's link): a's link names alice again (ORIGIN)
+    before it attaches her device again, so b's --allow still lets her in, and bob,
+    who was refused, is still refused."""
+    caplog.set_level(logging.INFO, logger="remote_hw")
+
+    def start_b(port: int = 0) -> Server:
+        return Server(Controller("b", [DeviceSpec("bdev", "uart16550")]), "127.0.0.1", port,
+                      tls=TlsConfig(keys, "b"), acl={"bdev": {"alice"}}).start()
+
+    b = start_b()
+    port = b.address[1]
+    a = Server(Controller("a", []), "127.0.0.1", 0, tls=TlsConfig(keys, "a"),
+               directory=StaticDirectory({"b": b.address}, {"bdev": "b"}),
+               forward_timeout=2.0).start()
+    alice = link(keys, "alice", a)
+    bob = link(keys, "bob", a)
+    try:
+        assert alice.attach(1, "bdev") == Status.OK
+        assert bob.attach(1, "bdev") == Status.DENIED
+        assert alice.io(1, "bdev", PORT, SCRATCH, 1, W, 0x5A)[0] == Status.OK
+        b.stop()
+        b = start_b(port)    # the same address; it knows nothing of a's session
+        value = _until_ok(lambda: alice.io(1, "bdev", PORT, SCRATCH, 1, R),
+                          "alice's device through a after b restarted")
+        assert value == (Status.OK, 0)     # a new instance, from power-on state
+        assert logged(caplog, "is back: a new session")
+        assert logged(caplog, "peer server a speaks for client")
+        assert bob.io(1, "bdev", PORT, SCRATCH, 1, R)[0] != Status.OK
+        assert bob.attach(1, "bdev") == Status.DENIED
+    finally:
+        alice.close()
+        bob.close()
+        a.stop()
+        b.stop()

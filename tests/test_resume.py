@@ -121,6 +121,24 @@ def test_the_table_gives_a_session_only_to_its_identity_and_expires_it():
     assert table.claim(res.token, "alice", Owner())[2] == "unknown"
 
 
+def test_a_peer_servers_session_is_parked_with_the_clients_it_speaks_for():
+    """An entry server's link: its session holds the local ids of the clients it
+    speaks for (origins); they expire with it, and only a peer can claim it (a client
+    of the same name cannot, nor can a peer claim a client's)."""
+    expired: list[int] = []
+    table = ResumeTable(expired.append, grace=0.2)
+    peer, client = Owner(), Owner()
+    res = table.open(3, "a", SinkRelay(peer), peer)
+    res.origins = {101: (7, None), 102: (8, None)}   # origin id -> (local id, sink)
+    res.origin_names = {101: "alice", 102: "bob"}
+    mine = table.open(4, "a", SinkRelay(client), client)
+    assert table.claim(res.token, "a", Owner(), peer=False)[0] is None
+    assert table.claim(mine.token, "a", Owner(), peer=True)[0] is None
+    table.park(res, peer)
+    wait_until(lambda: sorted(expired) == [3, 7, 8], "the peer session and its origins", 5)
+    table.close()
+
+
 def test_parked_sessions_are_capped_per_identity_and_in_all():
     """Parked sessions hold devices without a connection: a client that connects,
     attaches and leaves in a loop must not pile them up."""

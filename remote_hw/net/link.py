@@ -289,6 +289,15 @@ class ServerLink:
             except OSError:
                 pass
 
+    def _lost(self, e: OSError) -> str:
+        """Why the connection is taken for lost, from the error that said so."""
+        if isinstance(e, (BlockingIOError, TimeoutError)):
+            # The transport's send timeout (SO_SNDTIMEO, or TLS's own): the socket's
+            # buffers are full because the server reads nothing.
+            return (f"the server took nothing sent to it for {self.timeout:g} s "
+                    "(stopped, or cut off)")
+        return f"connection lost: {e.strerror or e}"
+
     def _down(self, reason: str) -> None:
         """Mark the link dead and fail everything that waits on it."""
         with self._cond:
@@ -346,7 +355,7 @@ class ServerLink:
                     if r is not NotImplemented and type(r) is not tuple:
                         r = self._lead_from(rid, r)  # not only our answer: the long way
             except OSError as e:
-                self._down(f"connection lost: {e.strerror or e}")
+                self._down(self._lost(e))
                 r = _UNREACHABLE, 0
                 if direction and self._recovery is not None:  # a write cut short
                     self._recovery.in_flight((rid, vm_id, client_id, offset, data, kind,
@@ -468,7 +477,7 @@ class ServerLink:
                 # Inline first read: usually exactly our feedback arrives, and nothing else.
                 data = t.recv()
             except OSError as e:
-                self._down(f"connection lost: {e.strerror or e}")
+                self._down(self._lost(e))
             else:
                 self._first_read(slot, rid, data, deadline)
             finally:
@@ -478,7 +487,7 @@ class ServerLink:
                 with self._wlock:
                     t.send(frame)
             except OSError as e:
-                self._down(f"send failed: {e.strerror or e}")
+                self._down(self._lost(e))
         if not slot.done:
             self._await(slot, rid, deadline)
         self._last_active = _now()
@@ -516,7 +525,7 @@ class ServerLink:
         except ProtocolError as e:
             self._protocol_failure(e)
         except OSError as e:
-            self._down(f"connection lost: {e.strerror or e}")
+            self._down(self._lost(e))
 
     def _await(self, slot: _Slot, rid: int, deadline: float) -> None:
         """Wait as a follower, or lead when leadership becomes free, until answered."""
@@ -568,7 +577,7 @@ class ServerLink:
         try:
             data = t.recv()
         except OSError as e:
-            self._down(f"connection lost: {e.strerror or e}")
+            self._down(self._lost(e))
             return
         if data is None:
             return  # the read slice ended; caller checks its deadline
@@ -703,7 +712,7 @@ class ServerLink:
                          size, hops, server_id, device):
                     return True
             except OSError as e:
-                self._down(f"connection lost: {e.strerror or e}")
+                self._down(self._lost(e))
                 return False
         try:
             frame = self._conn.send_post(rid, vm_id, client_id, offset, data, kind, size, hops,
@@ -717,7 +726,7 @@ class ServerLink:
                 else:
                     t.send(frame)
         except OSError as e:
-            self._down(f"connection lost: {e.strerror or e}")
+            self._down(self._lost(e))
             return False
         return True
 
@@ -742,7 +751,7 @@ class ServerLink:
                 if held and t is not None:
                     t.send(b"".join(held))
         except OSError as e:
-            self._down(f"connection lost: {e.strerror or e}")
+            self._down(self._lost(e))
 
     def _on_shadow(self, msg: m.Shadow) -> None:
         if not self.posting:

@@ -1,6 +1,6 @@
 """What a guest sees when its server is stopped, partitioned away or restarted.
 
-    python3 bench/faults.py [--only stop,partition,restart] [--timeout S]
+    python3 bench/faults.py [--only stop,partition,restart,servers] [--timeout S]
 
 A real KVM guest (ioloop.bin in mode 3: a counting byte stream written to COM1's THR,
 tests/seqstream.py) in this process, its UART on a real ``remote-hw server`` child
@@ -19,7 +19,12 @@ the timeout, then SIGCONT: the session resumes),
 ``partition`` (the server's network namespace link down 4 s with ``--timeout 10``,
 then 4 s with a 2 s timeout; needs root and ``ip netns``), ``restart`` (kill -9, then a
 new server on the same port: devices start from power-on state, so only what the
-guest wrote after the reset point counts). Bounded: about a minute, stops by itself.
+guest wrote after the reset point counts), ``servers`` (the guest's server is an entry
+server forwarding to a device server in a network namespace, and *that* link is down
+4 s; the entry's ``--forward-timeout`` is 1 s: its link to the device server breaks
+and resumes its session; the guest's own link stays up, and its writes meanwhile are
+refused by the entry and reported, counted under "away"). Bounded: about a minute
+and a half, stops by itself.
 """
 
 from __future__ import annotations
@@ -43,22 +48,40 @@ from remote_hw.client.agent import RemoteDevice  # noqa: E402
 from remote_hw.client.vmm import Vm  # noqa: E402
 from remote_hw.config import parse_map  # noqa: E402
 from remote_hw.net.link import ServerLink  # noqa: E402
+from remote_hw.net.security import TlsConfig  # noqa: E402
 
+from helpers import make_keys  # noqa: E402
 from seqstream import judge, sequence_guest  # noqa: E402
 
 COM1 = 0x3F8
+
+
+class CountingDevice(RemoteDevice):
+    """RemoteDevice counting the accesses it saw fail (a posted write's only sign
+    is this call: ``failing`` stays set until a synchronous access answers)."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.failures = 0
+
+    def _failed(self, status: int) -> None:
+        self.failures += 1
+        super()._failed(status)
 
 
 @dataclass
 class Watched:
     """Wraps the guest's UART: times every access and sorts every write by outcome."""
 
-    dev: RemoteDevice
+    dev: CountingDevice
     link: ServerLink
     longest: float = 0.0
     answered: int = 0
     away: int = 0       # issued while the link was down: dropped (a removed device)
     in_flight: int = 0  # issued while up, not answered: retried on a resume
+    #: the server is an entry: a write it answers with a failure while the link is up
+    #: was refused (its own link to the device is down), as if the device were away
+    entry: bool = False
     #: answered writes by connection (recovery.reconnects when the write was made)
     answered_on: dict[int, int] = field(default_factory=dict)
 
@@ -66,14 +89,18 @@ class Watched:
         was_up = self.link.up
         rec = self.link.recovery
         gen = rec.reconnects if rec is not None else 0
+        failures = self.dev.failures
         t0 = time.perf_counter()
         self.dev.write(offset, size, value)
         took = time.perf_counter() - t0
         self.longest = max(self.longest, took)
         if not was_up:
             self.away += 1
-        elif self.dev.failing:
-            self.in_flight += 1
+        elif self.dev.failures != failures:
+            if self.entry and self.link.up:
+                self.away += 1
+            else:
+                self.in_flight += 1
         else:
             self.answered += 1
             self.answered_on[gen] = self.answered_on.get(gen, 0) + 1
@@ -85,15 +112,19 @@ class Watched:
 class Server:
     """A remote-hw server child process, optionally inside a network namespace."""
 
-    def __init__(self, listen: str, out: Path, netns: str | None = None) -> None:
+    def __init__(self, listen: str, out: Path | None, netns: str | None = None,
+                 server_id: str = "a", extra: tuple[str, ...] = (),
+                 log: Path | None = None) -> None:
         argv = [sys.executable, "-m", "remote_hw.cli", "server", "--listen", listen,
-                "--server-id", "a", "--no-mount", "--log-level", "warning",
-                "--device", f"uart0=uart16550,backend=file:{out}"]
+                "--server-id", server_id, "--no-mount", "--log-level", "warning", *extra]
+        if out is not None:
+            argv += ["--device", f"uart0=uart16550,backend=file:{out}"]
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self._log = open(log, "w") if log is not None else None  # noqa: SIM115
         self.p = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+                                  stderr=self._log or subprocess.DEVNULL)
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
         if self.p.poll() is None:
@@ -103,14 +134,17 @@ class Server:
         except subprocess.TimeoutExpired:
             self.p.kill()
             self.p.wait(10)
+        if self._log is not None:
+            self._log.close()
 
 
-def _connect(address: tuple[str, int], timeout: float) -> ServerLink:
+def _connect(address: tuple[str, int], timeout: float,
+             tls: TlsConfig | None = None) -> ServerLink:
     deadline = time.monotonic() + 20
     while True:
         try:
             return ServerLink("a", address, client_name="bench", timeout=timeout,
-                              reconnect=True).connect()
+                              reconnect=True, tls=tls).connect()
         except ConnectionError:
             if time.monotonic() > deadline:
                 raise
@@ -126,12 +160,17 @@ def _wait(pred, what: str, limit: float = 30.0) -> None:
 
 
 def run_fault(name: str, address: tuple[str, int], timeout: float, out: Path,
-              image: Path, fault, after: Path | None = None) -> dict[str, object]:
-    """Run the guest, apply ``fault()`` once it writes steadily, let it run on."""
-    link = _connect(address, timeout)
+              image: Path, fault, after: Path | None = None,
+              tls: TlsConfig | None = None, entry_log: Path | None = None
+              ) -> dict[str, object]:
+    """Run the guest, apply ``fault()`` once it writes steadily, let it run on.
+    ``entry_log``: the server is an entry server logging there (its link to the
+    device server retries writes in flight too; they are counted from its log)."""
+    link = _connect(address, timeout, tls)
     if link.attach(1, "uart0"):
         raise SystemExit("attach failed")
-    watched = Watched(RemoteDevice(link, 1, parse_map("port:0x3f8-0x3ff=a/uart0")), link)
+    watched = Watched(CountingDevice(link, 1, parse_map("port:0x3f8-0x3ff=a/uart0")), link,
+                      entry=entry_log is not None)
     vm = Vm(mem_size=1 << 20)
     vm.bus.map_ports(COM1, COM1 + 7, watched)
     vm.load_image(image.read_bytes())
@@ -150,9 +189,17 @@ def run_fault(name: str, address: tuple[str, int], timeout: float, out: Path,
         vm.close()
     rec = link.recovery
     assert rec is not None
+    # Posted writes may still be on their way (through an entry server, two hops):
+    # wait until the backend's file stops growing before counting.
+    _settle(after or out)
     if after is None:  # stop, partition: one backend, every answered write expected
         data = out.read_bytes()
-        expected = watched.answered + rec.retried
+        # A POST counted answered when it was sent, and reported failed later, was
+        # dropped (reports arrive after the write: counted here, not per write).
+        late = link.post_failures
+        watched.answered -= late
+        watched.away += late
+        expected = watched.answered + rec.retried + _entry_retried(entry_log)
     else:  # restart: the new backend, from the reset point (the new connection) on
         data = after.read_bytes()
         expected = watched.answered_on.get(rec.reconnects, 0)
@@ -160,10 +207,35 @@ def run_fault(name: str, address: tuple[str, int], timeout: float, out: Path,
     return {"fault": name, "timeout": timeout, "longest": watched.longest,
             "writes": watched.answered + watched.away + watched.in_flight,
             "away": watched.away, "in_flight": watched.in_flight - before[2],
-            "retried": rec.retried, "resumed": rec.resumed,
+            "retried": rec.retried + _entry_retried(entry_log), "resumed": rec.resumed,
             "lost": max(0, expected - len(data)), "doubled": max(0, len(data) - expected),
             "in_order": v.doubled == 0 and v.gaps <= (1 if watched.away else 0),
             "steps": str(v)}
+
+
+def _settle(path: Path, quiet: float = 0.5, limit: float = 10.0) -> None:
+    """Wait until ``path`` has not grown for ``quiet`` seconds (at most ``limit``)."""
+    deadline = time.monotonic() + limit
+    size, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = path.stat().st_size if path.exists() else 0
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)
+
+
+def _entry_retried(log: Path | None) -> int:
+    """Writes an entry server's links retried after resuming (from its log)."""
+    if log is None:
+        return 0
+    import re
+    text = log.read_text()
+    # Writes in flight, and forwarded POSTs whose send the break cut off: their
+    # client was told they failed, and they are applied (once) after the resume.
+    return sum(int(n) for n in re.findall(r"(\d+) write\(s\) in flight retried", text)) \
+        + sum(int(n) for n in re.findall(r"\((\d+) cut off while being sent\)", text))
 
 
 def stop_fault(tmp: Path, timeout: float, image: Path, length: float) -> dict[str, object]:
@@ -247,6 +319,51 @@ def partition_fault(tmp: Path, timeout: float, image: Path,
         ns.close()
 
 
+def servers_fault(tmp: Path, timeout: float, image: Path,
+                  length: float = 4.0) -> dict[str, object]:
+    """Entry server a here, device server b in a namespace; a's link to b cut. Mutual
+    TLS: a peer off loopback must prove it is a server."""
+    ns = Netns()
+    out = tmp / "servers.out"
+    port = _free_port()
+    keys = make_keys(tmp / "keys", ["a", "b"], ["bench"])
+    b_log = tmp / "device-server.log"
+    b = Server(f"{ns.addr}:7700", out, netns=ns.name, server_id="b", log=b_log,
+               extra=("--tls-dir", str(keys), "--log-level", "info"))
+    _wait(lambda: _listening((ns.addr, 7700)), "server b to listen")
+    log = tmp / "entry.log"
+    a = Server(f"127.0.0.1:{port}", None, log=log, extra=(
+        "--tls-dir", str(keys), "--log-level", "info", "--peer", f"b={ns.addr}:7700",
+        "--route", "uart0=b", "--forward-timeout", "1"))
+    try:
+        def fault() -> None:
+            ns.link("down")
+            try:
+                time.sleep(length)
+            finally:
+                ns.link("up")
+        r = run_fault("servers", ("127.0.0.1", port), timeout, out, image, fault,
+                      tls=TlsConfig(keys, "bench"), entry_log=log)
+        r["fault"] = f"a-b cut {length:g} s"
+        if r["lost"] or r["doubled"] or not r["in_order"]:   # say what the servers saw
+            print(f"entry server a:\n{log.read_text()}\ndevice server b:\n"
+                  f"{b_log.read_text()}")
+        return r
+    finally:
+        a.kill()
+        b.kill()
+        ns.close()
+
+
+def _listening(address: tuple[str, int]) -> bool:
+    import socket
+    try:
+        socket.create_connection(address, timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 def _free_port() -> int:
     import socket
     s = socket.socket()
@@ -265,7 +382,7 @@ def _partition_unavailable() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="stop,partition,restart")
+    ap.add_argument("--only", default="stop,partition,restart,servers")
     ap.add_argument("--timeout", type=float, default=2.0,
                     help="--timeout of the stop and restart runs (default 2)")
     args = ap.parse_args()
@@ -286,6 +403,12 @@ def main() -> None:
                 rows.append(partition_fault(tmp, args.timeout, image))
         if "restart" in wanted:
             rows.append(restart_fault(tmp, args.timeout, image))
+        if "servers" in wanted:
+            why = _partition_unavailable()
+            if why:
+                print(f"servers: skipped ({why})")
+            else:
+                rows.append(servers_fault(tmp, args.timeout, image))
     print(f"{'fault':<16}{'timeout':>8}{'longest wait':>14}{'writes':>9}{'away':>8}"
           f"{'in flight':>10}{'retried':>8}{'lost':>6}{'doubled':>8}  in order")
     for r in rows:

@@ -338,6 +338,35 @@ def test_the_server_gone_turns_the_device_removed_and_says_what_may_be_lost(serv
         link.close()
 
 
+def test_a_device_that_only_posts_says_it_answers_again_once_a_post_is_confirmed(
+        server, caplog):
+    """A console guest only posts THR and reads LSR from the shadow: no access of it
+    is ever answered synchronously. After its link was cut and came back (session
+    resumed), the device must still leave the failing state, when the server confirms
+    (SHADOW credits) a POST made after the failure; before, it logged nothing and
+    counted as failing for good."""
+    link = ServerLink("a", server.address, timeout=2.0, reconnect=True).connect()
+    try:
+        dev = device(link)
+        t = link._t
+        assert t is not None
+        t.shutdown()                                   # the connection breaks
+        wait_until(lambda: not link.up, "the link to notice")
+        dev.write(THR, 1, 0x41)                        # dropped: the device is away
+        assert dev.failing
+        wait_until(lambda: link.up and dev.shadow.posted, "the session to resume", 10)
+        posts = 0
+        while dev.failing and posts < 4 * REPORT_EVERY:
+            dev.write(THR, 1, 0x42)                    # posted, never answered
+            posts += 1
+            if posts % 64 == 0:
+                time.sleep(0.01)                       # let SHADOW credits arrive
+        assert not dev.failing, f"still failing after {posts} confirmed posts"
+        assert dev.posted >= posts and "device answers again" in caplog.text
+    finally:
+        link.close()
+
+
 # -- real guests, real processes ------------------------------------------------------
 
 
@@ -461,6 +490,65 @@ def test_posts_and_shadows_pass_through_an_entry_server(entry):
         assert dev.read(THR, 1) == ord("x")
     finally:
         link.close()
+
+
+def _post_through(dev: RemoteDevice, n: int, pause_every: int = 0) -> None:
+    """``n`` bytes to THR, the way a console does (LSR from the shadow, THR posted);
+    ``pause_every``: a short pause after that many, so credits can keep up."""
+    for i in range(n):
+        dev.read(LSR, 1)
+        dev.write(THR, 1, i & 0xFF)
+        if pause_every and i % pause_every == pause_every - 1:
+            time.sleep(0.01)
+
+
+@pytest.mark.parametrize("fault", ["cut", "restart"])
+def test_a_client_keeps_posting_after_its_entry_refused_posts(entry, fault):
+    """POSTs the entry server refuses (its link to b down) never reach b, and a b that
+    restarted counts from 0: the entry adds those to the relayed SHADOW's count, so
+    the client's credits still come back and it goes on posting (before, each refused
+    POST shrank its window for good, and after 2048 of them every write waited)."""
+    a, b = entry
+    link = ServerLink("a", a.address, timeout=2.0).connect()
+    try:
+        dev = device(link)
+        _post_through(dev, 3 * REPORT_EVERY)
+        peer = a.router.forwarder._links["b"]
+        port = b.address[1]
+        if fault == "cut":
+            # The connection between a and b breaks, and a finds nobody where the
+            # directory said b is until the test lets it back.
+            locate = peer.locate
+            peer.locate = lambda: ("127.0.0.1", free_port())
+            t = peer._t
+            assert t is not None
+            t.shutdown()
+        else:
+            b.stop()                         # b is down, then restarts on its port
+        wait_until(lambda: not peer.up, "a's link to notice")
+        for _ in range(POST_WINDOW + 2 * REPORT_EVERY):   # refused by a, reported later
+            dev.write(THR, 1, 0x2A)
+        assert link.post_failures > POST_WINDOW // 2
+        if fault == "cut":
+            peer.locate = locate
+        else:
+            b = Server(Controller("b", [DeviceSpec("uart0", "uart16550")]), "127.0.0.1",
+                       port).start()
+            entry_b = b
+        wait_until(lambda: dev.read(SCR, 1) != 0xFF and dev.shadow.posted,
+                   "the device through a again", 10)
+        posted, forwarded = dev.posted, dev.forwarded
+        _post_through(dev, 4 * POST_WINDOW, pause_every=REPORT_EVERY // 2)
+        # Every write was posted: the credits came back by SHADOW. (Without the
+        # entry's count they never did, and each window's worth ended in a write
+        # that waited.)
+        waited = (dev.forwarded - forwarded) - (dev.posted - posted)
+        assert waited == 0, f"{waited} of {4 * POST_WINDOW} writes waited"
+        assert dev.read(SCR, 1) == 0          # a round trip: everything before is applied
+    finally:
+        link.close()
+        if fault == "restart":
+            entry_b.stop()
 
 
 def test_a_forwarded_post_that_fails_is_reported_under_the_clients_id(entry, caplog):

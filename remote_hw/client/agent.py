@@ -44,10 +44,13 @@ class RemoteDevice:
 
     When the server cannot answer, the range behaves as a removed device: reads
     return all ones, writes are dropped; the first failure and the recovery are logged.
+    The recovery is an access answered again, or, for a guest whose writes are all
+    posted and whose reads are all answered from the shadow (a console printing), the
+    server confirming it applied a POST made after the failure.
     """
 
     __slots__ = ("link", "vm_id", "device", "server_id", "target", "kind", "label",
-                 "failing", "forwarded", "shadow", "local_reads", "posted")
+                 "failing", "forwarded", "shadow", "local_reads", "posted", "_mark")
 
     def __init__(self, link: ServerLink, vm_id: int, spec: MapSpec, target: str = "") -> None:
         self.link = link
@@ -60,6 +63,7 @@ class RemoteDevice:
         self.kind = _KIND[spec.kind]
         self.label = f"vm {vm_id}: {spec.server}/{spec.device}"
         self.failing = False
+        self._mark = 0  # POSTs sent when the device failed (see write)
         self.forwarded = 0  # accesses sent to the server (posted writes included)
         # What the server lets this device answer or post without waiting (SHADOW,
         # remote_hw/net/posting.py); stays empty when posting is not negotiated.
@@ -93,6 +97,12 @@ class RemoteDevice:
             self.posted += 1
             if self.link.post(sh, self.kind, offset, size, value, self.target):
                 self._failed(_UNREACHABLE)
+            elif self.failing:
+                # Back when the server confirms a POST made after the failure (the
+                # count restarts when the shadow was cleared meanwhile).
+                mark = self._mark if self._mark <= sh.sent else 0
+                if sh.confirmed > mark:
+                    self._recovered()
             return
         self.forwarded += 1
         status, _ = self.link.io(self.vm_id, self.device, self.kind, offset, size,
@@ -108,6 +118,7 @@ class RemoteDevice:
     def _failed(self, status: int) -> None:
         if not self.failing:
             self.failing = True
+            self._mark = self.shadow.sent
             name = Status(status).name if status in Status._value2member_map_ else status
             reason = f" ({self.link.down_reason})" if not self.link.up else ""
             log.error("%s: device unavailable: %s%s; reads return all ones", self.label,

@@ -149,6 +149,9 @@ class ServerLink:
         #: where the server is now, asked again before each reconnect attempt (a
         #: directory's answer: a restarted server may listen elsewhere); None: fixed
         self.locate: Callable[[], tuple[str, int] | None] | None = None
+        #: called when a reconnect finds the session gone (the server restarted),
+        #: before the devices are attached again
+        self.on_new_session: Callable[[ServerLink], None] | None = None
 
     # -- connection -------------------------------------------------------------
 
@@ -687,15 +690,25 @@ class ServerLink:
         return next(self._ids) | POST_ID_BIT
 
     def forward_post(self, rid: int, vm_id: int, client_id: int, kind: int, offset: int,
-                     size: int, data: int, hops: int, server_id: str, device: str) -> bool:
+                     size: int, data: int, hops: int, server_id: str,
+                     device: str) -> bool | None:
         """Server-to-server links: pass a client's POST on under ``rid`` (from
-        :meth:`post_id`); False when the link is down. A failure comes back to
-        ``on_post_failed``."""
+        :meth:`post_id`). True: sent. False: the connection broke while sending it (it
+        is sent again if the session resumes). None: not sent (the link is down). A
+        failure the server reports comes back to ``on_post_failed``."""
         args = (rid, vm_id, client_id, kind, offset, size, data, hops, server_id, device)
-        if self._recovery is not None:   # kept before it is sent: the link may break
-            self._forwarded.append((rid & ~POST_ID_BIT, args))
         sent = self._send_post(*args)
-        return bool(sent) and self.up
+        if sent and not self.up:
+            sent = False   # it went out as the link broke: as if cut off
+        if sent is not None and self._recovery is not None:
+            # Kept also when the connection broke while sending it: it may have
+            # reached the server, and sent again it is applied once, as a write in
+            # flight is (its client was told it failed, as for a timed-out write).
+            # Not kept when it was never sent: then it must never apply.
+            self._forwarded.append((rid & ~POST_ID_BIT, args))
+            if not sent:
+                self._recovery.cut_posts += 1
+        return sent
 
     def _send_post(self, rid: int, vm_id: int, client_id: int, kind: int, offset: int,
                    size: int, data: int, hops: int, server_id: str,

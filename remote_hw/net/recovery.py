@@ -81,6 +81,8 @@ class Recovery:
         # DETACHes that could not be sent while the link was down (vm id, client id):
         # a resumed session still holds those devices.
         self.unsent_detaches: dict[tuple[int, int], None] = {}
+        # Forwarded POSTs whose send the break cut off (sent again on a resume).
+        self.cut_posts = 0
         self._retries: list[IoArgs] = []
         self._lock = threading.Lock()
         self._installing = False
@@ -226,20 +228,25 @@ class Recovery:
                     del self._retries[:len(batch)]
                 retried += len(batch)
             self.retried += retried
+            cut, self.cut_posts = self.cut_posts, 0
             return (f"session resumed, devices as the guest left them; {retried} write(s) "
                     "in flight retried under their request ids"
                     + (f", {reposted} posted write(s) sent again" if reposted else "")
+                    + (f" ({cut} cut off while being sent)" if cut else "")
                     ), ex.client_id
         with self._lock:
             dropped, self._retries = len(self._retries), []
             self._installing = True
         dropped += self.link.forget_posts()  # their devices are new: nothing to re-send
+        self.cut_posts = 0
         self.unsent_detaches.clear()          # a new session holds nothing to detach
         self.token = 0
         if conn.features & FEATURE_RESUME:
             status, token = ex.call(m.Resume(request_id=ex.rid(), token=0))
             if status == Status.OK:
                 self.token = token
+        if self.link.on_new_session is not None:
+            self.link.on_new_session(self.link)
         failed = []
         if conn.features & m.FEATURE_ORIGIN:
             for client_id, name in list(self.origins.items()):

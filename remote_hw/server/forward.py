@@ -16,7 +16,13 @@ along its route without waiting, under a request id of the peer link, remembered
 a while so that a failure the device's server reports goes back to the client under
 the client's own id; the device's SHADOWs for the client come back on the peer link
 and are handed to the client's session like its interrupts. An entry server keeps no
-shadow of its own.
+shadow of its own, but it keeps the client's *count* right: SHADOW's ``applied`` is
+the device server's count of the client's POSTs it processed, and the client takes
+its credits back by it. A POST the entry refuses (its link down) never reaches the
+device server, and a device server that restarted counts from 0 again; either way
+the client, which counts every POST it sent, would wait for credits that never come
+and stop posting. So the entry counts the POSTs of each route and adds to the
+relayed ``applied`` those the device server cannot know of (``_PostCount``).
 
 A link to a device server is resumable, as an agent's is (``reconnect=True``,
 net/recovery.py; the device's server parks the link's session with every client it
@@ -33,6 +39,7 @@ on *another* server is followed there at the next access (at most once a second)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -57,6 +64,17 @@ RETRY_INTERVAL = 1.0
 POST_MEMORY = 8192
 
 RouteKey = tuple[int, int, str]  # (client id on this server, vm id, device)
+_U32 = 0xFFFF_FFFF
+
+
+class _PostCount:
+    """One route's POSTs as the entry saw them (see the module docstring)."""
+
+    __slots__ = ("total", "base")
+
+    def __init__(self) -> None:
+        self.total = 0  # every POST of the route that reached this server
+        self.base = 0   # of those, the ones the device server's count does not include
 Relay = Callable[[int, int, str, int, bool], None]  # client, vm, device, line, level
 EventRelay = Callable[[int, int, str, str], None]  # client, vm, device, event name
 ShadowRelay = Callable[[int, m.Shadow], None]  # client, the device server's SHADOW
@@ -91,6 +109,7 @@ class Forwarder:
         # and the links that were told already.
         self._origins: dict[int, str] = {}
         self._told: dict[tuple[int, str], ServerLink] = {}
+        self._counts: dict[RouteKey, _PostCount] = {}
 
     # -- links ---------------------------------------------------------------------
 
@@ -120,6 +139,7 @@ class Forwarder:
                               on_shadow=self._on_shadow, on_post_failed=self._on_post_failed)
             link.expect_name = target if self.tls is not None else None
             link.locate = lambda: self.directory.address(target)
+            link.on_new_session = self._counts_restart
             try:
                 link.connect(min(self.timeout, 5.0))
             except LinkError as e:
@@ -139,7 +159,18 @@ class Forwarder:
 
     def _on_shadow(self, msg: m.Shadow) -> None:
         if self.relay_shadow is not None:
+            count = self._counts.get((msg.client_id, msg.vm_id, msg.device_id))
+            if count is not None and count.base:
+                msg = dataclasses.replace(msg, applied=(msg.applied + count.base) & _U32)
             self.relay_shadow(msg.client_id, msg)
+
+    def _counts_restart(self, link: ServerLink) -> None:
+        """``link`` has a new session (its server restarted, or forgot it): the device
+        server counts the routes' POSTs from 0 again, from here on."""
+        for key, on in list(self._attached_on.items()):
+            count = self._counts.get(key)
+            if on is link and count is not None:
+                count.base = count.total
 
     def _on_post_failed(self, rid: int, vm_id: int, status: int) -> None:
         with self._posts_lock:
@@ -179,6 +210,7 @@ class Forwarder:
             key = (client_id, vm_id, device)
             self.routes[key] = target
             self._attached_on[key] = link
+            self._counts[key] = _PostCount()  # a new attachment counts from 0 on both ends
         return status
 
     def io(self, client_id: int, vm_id: int, device: str, kind: int, offset: int, size: int,
@@ -210,28 +242,40 @@ class Forwarder:
         waiting; a status: OK once sent. A failure there comes back later, under
         ``rid``, through ``relay_post_failed``."""
         key = (client_id, vm_id, device)
+        count = self._counts.get(key)
+        if count is not None:
+            count.total += 1
         target = self.routes.get(key)
         if target is None or (explicit and explicit != target):
             return Status.NOT_ATTACHED
+        status = Status.UNREACHABLE
         if hops >= MAX_HOPS:
-            return Status.HOP_LIMIT
-        link = self._attached_on.get(key)
-        if link is None or not link.up:
-            link = self._reattach(key)
-            if link is None:
-                return Status.UNREACHABLE
-        peer_rid = link.post_id()
-        with self._posts_lock:  # filed first: its failure may come back at once
-            self._posts[peer_rid] = (client_id, rid)
-            self._post_order.append(peer_rid)
-            if len(self._post_order) > POST_MEMORY:
-                self._posts.pop(self._post_order.popleft(), None)
-        if not link.forward_post(peer_rid, vm_id, client_id, kind, offset, size, data,
-                                 hops + 1, target, device):
-            with self._posts_lock:
-                self._posts.pop(peer_rid, None)
-            return Status.UNREACHABLE
-        return Status.OK
+            status = Status.HOP_LIMIT
+        else:
+            link = self._attached_on.get(key)
+            if link is None or not link.up:
+                link = self._reattach(key)
+            if link is not None:
+                peer_rid = link.post_id()
+                with self._posts_lock:  # filed first: its failure may come back at once
+                    self._posts[peer_rid] = (client_id, rid)
+                    self._post_order.append(peer_rid)
+                    if len(self._post_order) > POST_MEMORY:
+                        self._posts.pop(self._post_order.popleft(), None)
+                sent = link.forward_post(peer_rid, vm_id, client_id, kind, offset, size,
+                                         data, hops + 1, target, device)
+                if sent:
+                    return Status.OK
+                with self._posts_lock:
+                    self._posts.pop(peer_rid, None)
+                if sent is False:
+                    # Cut off while being sent: the link sends it again when it resumes
+                    # (counted there then), or its server starts afresh (_counts_restart).
+                    return Status.UNREACHABLE
+        # Refused here: the device server will never count it.
+        if count is not None:
+            count.base += 1
+        return status
 
     def _tell_origin(self, link: ServerLink, client_id: int, target: str) -> Status:
         """Name the client behind ``client_id`` to ``target`` once per link (ORIGIN).
@@ -254,11 +298,18 @@ class Forwarder:
         link = self._link(target)
         if link is None:
             return None
+        if link is self._attached_on.get(key):
+            # The same link, back by itself: its recovery resumed the session or
+            # attached the VM again already (attaching once more would reset counts).
+            return link
         if self._tell_origin(link, client_id, target) != Status.OK or \
                 link.attach(vm_id, device, server_id=target, client_id=client_id) != Status.OK:
             return None
         self.routes[key] = target
         self._attached_on[key] = link
+        count = self._counts.get(key)
+        if count is not None:   # a new instance there counts from 0
+            count.base = count.total
         log.info("client %d vm %d: %s found again on server %s", client_id, vm_id, device,
                  target)
         return link
@@ -272,6 +323,7 @@ class Forwarder:
         for key in keys:
             target = self.routes.pop(key, None)
             link = self._attached_on.pop(key, None)
+            self._counts.pop(key, None)
             if link is not None and (key[1], target) not in done:
                 # Also while the link is down: it sends the DETACH once it is back
                 # (its session, resumed, still holds the VM's devices).

@@ -199,7 +199,10 @@ def run_fault(name: str, address: tuple[str, int], timeout: float, out: Path,
         late = link.post_failures
         watched.answered -= late
         watched.away += late
-        expected = watched.answered + rec.retried + _entry_retried(entry_log)
+        # A write in flight when the link broke reached the server either before the
+        # break (its answer lost) or as the retry after the resume: once either way.
+        in_flight = watched.in_flight if rec.resumed else rec.retried
+        expected = watched.answered + in_flight + _entry_retried(entry_log)
     else:  # restart: the new backend, from the reset point (the new connection) on
         data = after.read_bytes()
         expected = watched.answered_on.get(rec.reconnects, 0)

@@ -323,3 +323,37 @@ def test_a_parked_peer_session_releases_its_clients_devices_when_nobody_resumes_
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_device_that_moved_is_followed_and_the_old_server_lets_it_go(caplog):
+    """b goes away and the directory now places uart0 on c: the next access follows it
+    there (a new instance). When b comes back, a's link to b (back by itself) does not
+    attach the VM there again."""
+    caplog.set_level(logging.INFO, logger="remote_hw")
+    b = make_b()
+    port = b.address[1]
+    c = Server(Controller("c", [DeviceSpec("uart0", "uart16550")]), "127.0.0.1", 0).start()
+    a = make_a(b.address, extra_servers={"c": c.address})
+    link = ServerLink("a", a.address, timeout=3.0).connect()
+    try:
+        assert link.attach(1, "uart0") == Status.OK
+        assert link.io(1, "uart0", PORT, 7, 1, W, 0x77)[0] == Status.OK
+        b.stop()
+        a.router.forwarder.directory.routes["uart0"] = "c"   # moved, as etcd would say
+        assert _until_ok(lambda: link.io(1, "uart0", PORT, 7, 1, R),
+                         "uart0 on c") == (Status.OK, 0)      # a new instance, on c
+        assert "uart0 found again on server c" in caplog.text
+        assert len(c.controller.instances()) == 1
+        b = make_b(port)                                      # b is back
+        peer_b = a.router.forwarder._links["b"]
+        deadline = time.monotonic() + 10
+        while not peer_b.up and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert peer_b.up
+        time.sleep(0.2)
+        assert b.controller.instances() == []                # not attached there again
+    finally:
+        link.close()
+        a.stop()
+        b.stop()
+        c.stop()

@@ -305,6 +305,17 @@ class Forwarder:
         if self._tell_origin(link, client_id, target) != Status.OK or \
                 link.attach(vm_id, device, server_id=target, client_id=client_id) != Status.OK:
             return None
+        old = self._attached_on.get(key)
+        if old is not None and old is not link:
+            # Moved: the old link must not attach it again when it comes back, and a
+            # session it resumes there lets the VM go (DETACH, sent once it is back)
+            # unless other devices of the VM still live there.
+            others = any(on is old and k[:2] == key[:2] and k != key
+                         for k, on in self._attached_on.items())
+            if not others:
+                old.detach(vm_id, client_id=client_id)
+            elif old.recovery is not None:
+                old.recovery.attached.pop((vm_id, device, self.routes[key], client_id), None)
         self.routes[key] = target
         self._attached_on[key] = link
         count = self._counts.get(key)

@@ -551,3 +551,28 @@ def test_arbitrary_payloads_only_raise_remote_protocol_error(t, payload):
     except RemoteProtocolError:
         return
     assert encode(m)[HEADER_SIZE:] == payload  # anything accepted re-encodes exactly
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, U32), st.lists(st.integers(0, U32), min_size=1, max_size=20),
+       st.integers(0, 0xFFFF), st.integers(0, 1), ident)
+def test_interrupts_fast_path_agrees_with_one_encode_per_vm(cid, vms, line, level, dev):
+    """A line change fanned out to several VMs (encode_interrupts) is exactly the
+    frames encode() makes for each VM, in order, and each decodes back."""
+    from remote_hw.protocol.codec import encode_interrupts
+    frames = [encode(m_.Interrupt(vm_id=vm, client_id=cid, line=line, level=level,
+                                  device_id=dev)) for vm in vms]
+    joined = encode_interrupts(cid, vms, line, level, dev)
+    assert joined == b"".join(frames)
+    assert encode_interrupts(cid, tuple(vms), line, level, dev) == joined  # ids cached
+
+
+def test_interrupts_fast_path_names_a_bad_value_as_encode_does():
+    from remote_hw.protocol.codec import encode_interrupts
+    with pytest.raises(LocalProtocolError) as fast:
+        encode_interrupts(1, [1, 2], 0x1_0000, 1, "uart0")     # line beyond u16
+    with pytest.raises(LocalProtocolError) as ref:
+        encode(m_.Interrupt(vm_id=1, client_id=1, line=0x1_0000, level=1, device_id="uart0"))
+    assert fast.value.code == ref.value.code and str(fast.value) == str(ref.value)
+    with pytest.raises(LocalProtocolError):
+        encode_interrupts(1, [1], 0, 2, "uart0")               # level is 0 or 1

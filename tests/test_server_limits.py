@@ -417,3 +417,24 @@ def test_watchdog_does_not_count_its_own_pause_as_a_send_stall():
     assert not c.aborted
     dog.check(25.0)
     assert len(c.aborted) == 1
+
+
+def test_a_level_held_while_the_writer_is_idle_goes_out_when_the_kernel_drains():
+    """Behind because of the kernel's queue (SIOCOUTQNSD), not this one: the writer
+    thread is idle when the level is held, and must still look again and send it
+    once the peer has taken what the kernel held (it once slept until the next frame,
+    and a client that had fallen behind never got its line's newest level)."""
+    wire: list[bytes] = []
+    unsent = [100_000]                    # what the kernel holds for the peer
+    box = Outbox(wire.append, threading.Lock(), limit=1 << 20, name="t",
+                 on_overflow=lambda why: None,
+                 encode_level=lambda key, level: f"{key}={int(level)};".encode(),
+                 behind=1000, unsent=lambda: unsent[0])
+    box.put(b"F;")                        # the writer writes it and measures the kernel
+    wait_until(lambda: box.queued == 0 and wire, "the first write")
+    assert box.hold_level("a", True)      # behind: held, with the writer idle
+    time.sleep(0.1)
+    assert b"".join(wire) == b"F;"
+    unsent[0] = 0                         # the peer read everything
+    wait_until(lambda: b"".join(wire) == b"F;a=1;", "the held level to go out", 5)
+    box.close()

@@ -117,3 +117,32 @@ def test_an_instance_publishes_the_guests_output_to_its_listeners():
         assert inst.output_listeners == ()
     finally:
         ctl.close()
+
+
+# ------------------------------------------------------------------ interrupt fan-out
+
+class ManySink(Sink):
+    """A sink that takes several VMs at once, as a session does."""
+
+    def interrupt_vms(self, vm_ids: tuple[int, ...], device: str, line: int,
+                      level: bool) -> None:
+        self.got.append(("irqs", vm_ids, device, line, level))
+
+
+def test_a_shared_devices_edge_goes_to_each_sink_once_with_all_its_vms():
+    """The fan-out groups the attached VMs by sink: a session gets one call with all
+    its VMs (one encode for them all), a plain sink one call per VM; a detach is
+    seen by the next edge."""
+    ctl = Controller("a", [DeviceSpec("u", "uart16550", shared=True)])
+    many, plain = ManySink(), Sink()
+    for vm in (1, 2, 3):
+        assert ctl.attach(1, vm, "u", many) == 0
+    assert ctl.attach(2, 9, "u", plain) == 0
+    ctl.access(1, 1, "u", 4, 1, int(Direction.WRITE), 0x08)   # MCR.OUT2
+    ctl.access(1, 1, "u", 1, 1, int(Direction.WRITE), 0x02)   # IER.THRI: the line rises
+    assert many.got == [("irqs", (1, 2, 3), "u", 0, True)]
+    assert plain.got == [("irq", 9, "u", 0, True)]
+    ctl.detach(1, 2)
+    ctl.access(1, 1, "u", 1, 1, int(Direction.WRITE), 0x00)   # the line falls
+    assert many.got[-1] == ("irqs", (1, 3), "u", 0, False)
+    ctl.close()

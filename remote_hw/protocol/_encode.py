@@ -25,6 +25,7 @@ from .messages import (
     Direction,
     ErrorCode,
     Feedback,
+    Interrupt,
     IoRequest,
     Message,
     MsgType,
@@ -197,6 +198,34 @@ def encode_post(
             hops=hops, server_id=server_id, device_id=device_id,
         )
     )
+
+
+_IRQ_PLAN = _PLANS[MsgType.INTERRUPT]
+_IRQ_FRAME = _IRQ_PLAN.frame
+_IRQ_SIZE = _IRQ_PLAN.fixed_size
+_IRQ_T = int(MsgType.INTERRUPT)
+
+
+def encode_interrupts(client_id: int, vm_ids: tuple[int, ...] | list[int], line: int,
+                      level: int, device_id: str) -> bytes:
+    """INTERRUPT frames, one per VM of ``vm_ids``, for the same line change of one
+    device, joined: how a shared device's edge goes to a client's many VMs.
+
+    Same frames and validation as ``encode(Interrupt(...))`` for each, without the
+    objects: one pack per VM (a server fans an edge out to 100 VMs in ~50 us).
+    """
+    try:
+        d = _ID_BYTES[device_id]
+        if level in (0, 1):
+            pack = _IRQ_FRAME.pack
+            plen, ld = _IRQ_SIZE + len(d), len(d)
+            return b"".join([pack(MAGIC_U16, _IRQ_T, 0, plen, vm, client_id, line, level, ld)
+                             + d for vm in vm_ids])
+    except (KeyError, TypeError, struct.error):
+        pass
+    return b"".join(_encode_generic(Interrupt(vm_id=vm, client_id=client_id, line=line,
+                                              level=level, device_id=device_id))
+                    for vm in vm_ids)
 
 
 _FB_FRAME = _FB_PLAN.frame

@@ -38,7 +38,13 @@ from ._decoders import (
     post_fields,
 )
 from ._encode import _encode_generic as _encode_generic
-from ._encode import encode, encode_feedback, encode_io_request, encode_post
+from ._encode import (
+    encode,
+    encode_feedback,
+    encode_interrupts,
+    encode_io_request,
+    encode_post,
+)
 from ._fields import FeedbackFields, IoRequestFields
 from ._plans import _PLAN_BY_CLASS as _PLAN_BY_CLASS
 from ._plans import _PLANS as _PLANS
@@ -51,6 +57,7 @@ __all__ = [
     "encode_io_request",
     "encode_feedback",
     "encode_post",
+    "encode_interrupts",
     "decode_feedback",
     "feedback_fields",
     "io_request_fields",

@@ -37,6 +37,7 @@ from .codec import (
     IoRequestFields,
     encode,
     encode_feedback,
+    encode_interrupts,
     encode_io_request,
     encode_post,
     feedback_fields,
@@ -151,6 +152,7 @@ _HANDSHAKE = frozenset({_T.HELLO, _T.WELCOME})
 _IO_REQUEST = int(_T.IO_REQUEST)
 _FEEDBACK = int(_T.FEEDBACK)
 _POST = int(_T.POST)
+_INTERRUPT = int(_T.INTERRUPT)
 _F = TypeVar("_F", FeedbackFields, IoRequestFields)  # what a field reader returns
 _ERROR_FIXED = MESSAGES[_T.ERROR].fixed.size
 #: Compact the receive buffer once this many consumed bytes sit at its front.  The
@@ -317,6 +319,17 @@ class Connection:
             raise LocalProtocolError(ErrorCode.UNEXPECTED, self._why_not(_T.POST, sending=True))
         return encode_post(request_id, vm_id, client_id, offset, data, kind, size, hops,
                            server_id, device_id)
+
+    def send_interrupts(self, client_id: int, vm_ids: tuple[int, ...] | list[int], line: int,
+                        level: int, device_id: str) -> bytes:
+        """Fast ``send(Interrupt(...))`` for each VM of ``vm_ids`` (one device's line
+        change, fanned out to a client's VMs), the frames joined."""
+        if _INTERRUPT not in self._send_ok:
+            raise LocalProtocolError(
+                ErrorCode.UNEXPECTED, self._why_not(_T.INTERRUPT, sending=True)
+            )
+        # No size check: an INTERRUPT is at most 14 + 64 bytes.
+        return encode_interrupts(client_id, vm_ids, line, level, device_id)
 
     def send_feedback(
         self,

@@ -76,8 +76,17 @@ class _InstanceIrq:
             # The shadow first: a guest's handler that reads a shadowed register (LSR)
             # must find it as the model has it when the interrupt arrives.
             self.instance.refresh_shadow()
-        for (_client_id, vm_id), sink in list(self.instance.sessions.items()):
-            sink.interrupt(vm_id, self.instance.spec.id, self.line, level)
+        device, line = self.instance.spec.id, self.line
+        for sink, vms in self.instance.fanout():
+            # A sink that takes several VMs at once (a session) gets them in one call:
+            # a shared device's edge to a client's 100 VMs is one call and one encode
+            # of 100 frames, not 100 of each, with the device's lock held.
+            many = getattr(sink, "interrupt_vms", None)
+            if many is not None:
+                many(vms, device, line, level)
+            else:
+                for vm_id in vms:
+                    sink.interrupt(vm_id, device, line, level)
 
 
 @dataclass(eq=False)
@@ -107,7 +116,24 @@ class Instance:
     shadow: RegisterShadow | None = None
     # Where the guest's output goes (stream devices): observers, then the backend.
     _output: tuple[OutputListener, ...] = field(default=(), init=False, repr=False)
+    # ``sessions`` grouped by sink, for fanning an interrupt out (None: recompute)
+    _fanout: list[tuple[SessionSink, tuple[int, ...]]] | None = field(
+        default=None, init=False, repr=False)
     _to_backend: OutputListener | None = field(default=None, init=False, repr=False)
+
+    def fanout(self) -> list[tuple[SessionSink, tuple[int, ...]]]:
+        """(sink, its VM ids) for every sink attached (called with the lock held)."""
+        f = self._fanout
+        if f is None:
+            groups: dict[int, tuple[SessionSink, list[int]]] = {}
+            for (_client_id, vm_id), sink in self.sessions.items():
+                g = groups.get(id(sink))
+                if g is None:
+                    groups[id(sink)] = (sink, [vm_id])
+                else:
+                    g[1].append(vm_id)
+            f = self._fanout = [(sink, tuple(vms)) for sink, vms in groups.values()]
+        return f
 
     def label(self) -> str:
         owners = ",".join(f"c{c}/vm{v}" for c, v in self.sessions) or "-"
@@ -356,6 +382,7 @@ class Controller:
                 return Status.DEVICE_ERROR
             with inst.lock:
                 inst.sessions[(client_id, vm_id)] = sink
+                inst._fanout = None
                 high = [irq.line for irq in inst.lines if irq.level]
                 # Not for a shared device: others' accesses change its registers, and
                 # every change would go to every sharer (a flood nobody asked for).
@@ -386,6 +413,7 @@ class Controller:
                     self._held.pop(key[0], None)
                 with inst.lock:
                     inst.sessions.pop((key[0], key[1]), None)
+                    inst._fanout = None
                     inst.shadow_sinks.pop((key[0], key[1]), None)
                     empty = not inst.sessions
                 if empty:

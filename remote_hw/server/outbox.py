@@ -139,6 +139,8 @@ class Outbox:
                 return False
             held = self._held.get(key)
             if held is None:
+                if not self._held:   # the writer, idle, must start looking (_run)
+                    self._cond.notify()
                 # Only changes travel, so the peer last had the other level.
                 self._held[key] = [not level, level, 1]
             else:

@@ -124,6 +124,18 @@ class SinkRelay:
         if t is not None:
             t.interrupt(vm_id, device, line, level)
 
+    def interrupt_vms(self, vm_ids: tuple[int, ...], device: str, line: int,
+                      level: bool) -> None:
+        t = self.target
+        if t is None:
+            return
+        many = getattr(t, "interrupt_vms", None)
+        if many is not None:
+            many(vm_ids, device, line, level)
+        else:
+            for vm_id in vm_ids:
+                t.interrupt(vm_id, device, line, level)
+
     def event(self, vm_id: int, device: str, name: str) -> None:
         t = self.target
         if t is not None:

@@ -125,7 +125,13 @@ class _OriginSink:
     def interrupt(self, vm_id: int, device: str, line: int, level: bool) -> None:
         s = self.relay.target
         if s is not None:
-            s._level(self.origin, vm_id, device, line, level)
+            s._levels(self.origin, (vm_id,), device, line, level)
+
+    def interrupt_vms(self, vm_ids: tuple[int, ...], device: str, line: int,
+                      level: bool) -> None:
+        s = self.relay.target
+        if s is not None:
+            s._levels(self.origin, vm_ids, device, line, level)
 
     def event(self, vm_id: int, device: str, name: str) -> None:
         s = self.relay.target
@@ -195,7 +201,12 @@ class ClientSession:
     # -- SessionSink --------------------------------------------------------------
 
     def interrupt(self, vm_id: int, device: str, line: int, level: bool) -> None:
-        self._level(self.client_id, vm_id, device, line, level)
+        self._levels(self.client_id, (vm_id,), device, line, level)
+
+    def interrupt_vms(self, vm_ids: tuple[int, ...], device: str, line: int,
+                      level: bool) -> None:
+        """One device's line change for several of this client's VMs at once."""
+        self._levels(self.client_id, vm_ids, device, line, level)
 
     def event(self, vm_id: int, device: str, name: str) -> None:
         if self._events_ok(vm_id, device, name):
@@ -275,19 +286,25 @@ class ClientSession:
         # own are sent with its feedback (see _local), others' by the writer thread.
         self._outbox.put(frame, not (self._batching and threading.get_ident() == self._thread_id))
 
-    def _level(self, client_id: int, vm_id: int, device: str, line: int,
-               level: bool) -> None:
-        """An interrupt line changed: held while this peer is behind (see outbox.py),
-        else sent as an INTERRUPT like any other frame."""
-        if not self._outbox.hold_level((client_id, vm_id, device, line), level):
-            self._emit(m.Interrupt(vm_id=vm_id, client_id=client_id, line=line,
-                                   level=int(level), device_id=device))
+    def _levels(self, client_id: int, vm_ids: tuple[int, ...], device: str, line: int,
+                level: bool) -> None:
+        """An interrupt line changed for ``vm_ids``: held while this peer is behind
+        (see outbox.py), else queued as INTERRUPT frames (one per VM, in one piece)."""
+        if self.closed:
+            return
+        if self._outbox.hold_level((client_id, vm_ids, device, line), level):
+            return
+        try:
+            frames = self.conn.send_interrupts(client_id, vm_ids, line, int(level), device)
+        except ProtocolError as e:
+            log.debug("%s: not sent: %s", self.peer, e)
+            return
+        self._outbox.put(frames, not (self._batching and threading.get_ident() == self._thread_id))
 
     def _level_frame(self, key: Any, level: bool) -> bytes:
-        """The INTERRUPT frame of a held level (the outbox's ``encode_level``)."""
-        client_id, vm_id, device, line = key
-        return self.conn.send(m.Interrupt(vm_id=vm_id, client_id=client_id, line=line,
-                                          level=int(level), device_id=device))
+        """The INTERRUPT frames of a held level (the outbox's ``encode_level``)."""
+        client_id, vm_ids, device, line = key
+        return self.conn.send_interrupts(client_id, vm_ids, line, int(level), device)
 
     def stalled(self, now: float) -> float:
         """Seconds frames for this peer have waited with no write completing."""

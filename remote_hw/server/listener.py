@@ -58,7 +58,7 @@ from remote_hw.server.limits import (
 from remote_hw.server.policy import AccessPolicy
 from remote_hw.server.router import Router
 from remote_hw.server.session import ClientSession
-from remote_hw.server.watchdog import Watchdog
+from remote_hw.server.watchdog import YIELD_EVERY, Watchdog
 
 log = logging.getLogger("remote_hw.server")
 
@@ -187,7 +187,11 @@ class Server:
         try:
             while not self._stopped.is_set():
                 timeout = max(0.0, resume_at - time.monotonic()) if resume_at else None
-                for key, _events in sel.select(timeout):
+                for n, (key, _events) in enumerate(sel.select(timeout), 1):
+                    if n % YIELD_EVERY == 0:
+                        # A crowd closed at its deadline wakes together: let served
+                        # connections run between (watchdog.YIELD_EVERY).
+                        time.sleep(0)
                     if key.data is not None:
                         self._first_bytes(sel, key.fileobj, key.data)   # type: ignore[arg-type]
                     elif not resume_at:

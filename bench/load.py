@@ -1,6 +1,6 @@
 """Load on one link, with and without hostile clients: what an attacker costs others.
 
-    python3 bench/load.py [--vms 1,8,32,64] [--seconds 1.5] [--rounds 3] [--idle 1000]
+    python3 bench/load.py [--vms 1,8,32,64] [--seconds 1.5] [--rounds 5] [--idle 1000]
                           [--only all|idle|reader]
 
 For each VM count N, N threads share one client link (a ``ServerLink``, as the VMs
@@ -22,18 +22,22 @@ the p99 latency of one access. Each N runs in two conditions, alternately:
 
 It prints, per N, both figures (medians) and the ratios quiet/hostile of the
 throughput and hostile/quiet of the p99 (goal: both <= 1.2), and how many
-connections the server had open at most during the hostile figure (``ss``: those
-admitted, at most 512 by default, and those waiting in its listen queue). Loopback
+connections the server had open around the hostile figure (``ss``, just before and
+just after it: those admitted, at most 512 by default, and those waiting in its
+listen queue). Loopback
 only; the server runs with its default limits. Each pair is run ``--rounds`` times
 and the ratios are the medians of the paired ones, since the machine's speed
 drifts. After each hostile figure the benchmark waits until the server has dropped
 what the hostile process left, so the next quiet figure does not pay for it.
 Bounded: every phase has a deadline, the hostile process is killed after each
 figure, and the whole run stops by itself (about ``len(vms) * rounds * (2 * seconds
-+ 3)`` s: 75 s by default; at most 25 s more per figure, for the ramp and the
++ 3)`` s: 2 min by default; at most 25 s more per figure, for the ramp and the
 teardown).
 
-Fixed on 2026-12-04 (docs/performance.md): the idle connections' peek waited up to
+Fixed on 2026-12-05: ``ss`` ran every 0.5 s *during* the hostile figure (to count
+the connections held), and its fork and exec took CPU from the load that only the
+hostile figures paid for; it now runs just before and after. Fixed on 2026-12-04
+(docs/performance.md): the idle connections' peek waited up to
 1 s on each silent socket (a timeout was set, and Python polls before a recv with
 one, MSG_DONTWAIT or not), so the process re-opened about 100 connections a second
 instead of ~500; the client that does not read never came back once disconnected
@@ -284,12 +288,6 @@ def _attacked(port: int, n: int, args: argparse.Namespace, env: dict[str, str],
         [sys.executable, __file__, "--hostile", str(port), "--idle", str(args.idle),
          "--hostile-seconds", str(args.seconds + 30), "--only", args.only],
         stdout=subprocess.DEVNULL, env=env)
-    held = [0]
-    done = threading.Event()
-
-    def count() -> None:
-        while not done.wait(0.5):
-            held[0] = max(held[0], _established(port))
     # Let it open its connections and stop reading: the reader attaches at once; the
     # idle connections fill the server within a few seconds (its backlog overflows
     # while it starts a thread for each admitted one, and a dropped SYN costs that
@@ -299,11 +297,14 @@ def _attacked(port: int, n: int, args: argparse.Namespace, env: dict[str, str],
     while args.only != "reader" and time.monotonic() < ramp and \
             _established(port) < FULL * 0.9:
         time.sleep(0.2)
-    threading.Thread(target=count, daemon=True).start()
+    # Counted just before and just after the figure, not during it: running ``ss``
+    # every 0.5 s meanwhile (as this did until 2026-12-05) cost the load CPU that
+    # only the hostile figures paid for.
+    held = _established(port)
     try:
-        return run_load(link, n, args.seconds), held[0]
+        figure = run_load(link, n, args.seconds)
+        return figure, max(held, _established(port))
     finally:
-        done.set()
         link.close()
         hp.send_signal(signal.SIGKILL)
         hp.wait()
@@ -315,9 +316,9 @@ def main() -> None:
     ap.add_argument("--vms", default="1,8,32,64", help="VM counts (default 1,8,32,64)")
     ap.add_argument("--seconds", type=float, default=1.5,
                     help="load per figure (default 1.5)")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=int, default=5,
                     help="quiet/hostile pairs per VM count; the ratios printed are the "
-                         "medians of the paired ones (default 3)")
+                         "medians of the paired ones (default 5)")
     ap.add_argument("--idle", type=int, default=1000,
                     help="idle connections the hostile process tries to hold (default 1000)")
     ap.add_argument("--only", choices=("all", "idle", "reader"), default="all",

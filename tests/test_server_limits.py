@@ -438,3 +438,26 @@ def test_a_level_held_while_the_writer_is_idle_goes_out_when_the_kernel_drains()
     unsent[0] = 0                         # the peer read everything
     wait_until(lambda: b"".join(wire) == b"F;a=1;", "the held level to go out", 5)
     box.close()
+
+
+def test_holding_starts_on_a_fresh_look_at_the_kernel_and_restarts_the_stall_clock():
+    """The writer's last look at the kernel's queue may be old: a peer that was
+    behind then and has read everything since is not held for (nor closed as
+    stalled, by a clock that started at that old write)."""
+    wire: list[bytes] = []
+    unsent = [100_000]
+    box = Outbox(wire.append, threading.Lock(), limit=1 << 20, name="t",
+                 on_overflow=lambda why: None,
+                 encode_level=lambda key, level: f"{key}={int(level)};".encode(),
+                 behind=1000, unsent=lambda: unsent[0])
+    box.put(b"F;")
+    wait_until(lambda: box.queued == 0 and wire, "the first write")
+    unsent[0] = 0                      # the peer read it all; nobody looked since
+    assert not box.hold_level("a", True)   # so the caller queues the frame itself
+    unsent[0] = 100_000                # behind again when that frame is written
+    box.put(b"a=1;")
+    wait_until(lambda: box.queued == 0 and len(wire) == 2, "the second write")
+    time.sleep(0.3)                    # the writer's last progress: 0.3 s ago
+    assert box.hold_level("a", False)  # holding starts, and so does its stall clock
+    assert box.stalled(time.monotonic()) < 0.2
+    box.close()

@@ -139,8 +139,16 @@ class Outbox:
                 return False
             held = self._held.get(key)
             if held is None:
-                if not self._held:   # the writer, idle, must start looking (_run)
-                    self._cond.notify()
+                if not self._held:
+                    # Holding starts. The kernel's figure is the writer's last look,
+                    # maybe long ago: look again before holding on its word.
+                    if self._queued <= self.behind:
+                        self._kernel = self._measure()
+                        if self._queued + self._kernel <= self.behind:
+                            return False
+                    if not self._queued:   # the stall clock starts now
+                        self._progress = time.monotonic()
+                    self._cond.notify()    # the writer, idle, must start looking (_run)
                 # Only changes travel, so the peer last had the other level.
                 self._held[key] = [not level, level, 1]
             else:

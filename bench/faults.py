@@ -297,6 +297,14 @@ class Netns:
         subprocess.run(["ip", "-n", self.name, "link", "set", self.there, state],
                        check=True, capture_output=True)
 
+    def cut(self, seconds: float) -> None:
+        """The link down for ``seconds``, then up again (whatever happens meanwhile)."""
+        self.link("down")
+        try:
+            time.sleep(seconds)
+        finally:
+            self.link("up")
+
     def close(self) -> None:
         subprocess.run(["ip", "link", "del", self.here], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
@@ -308,13 +316,8 @@ def partition_fault(tmp: Path, timeout: float, image: Path,
     out = tmp / f"partition{timeout:g}.out"
     srv = Server(f"{ns.addr}:7700", out, netns=ns.name)
     try:
-        def fault() -> None:
-            ns.link("down")
-            try:
-                time.sleep(length)
-            finally:
-                ns.link("up")
-        r = run_fault("partition", (ns.addr, 7700), timeout, out, image, fault)
+        r = run_fault("partition", (ns.addr, 7700), timeout, out, image,
+                      lambda: ns.cut(length))
         r["fault"] = f"partition {length:g} s"
         return r
     finally:
@@ -339,13 +342,8 @@ def servers_fault(tmp: Path, timeout: float, image: Path,
         "--tls-dir", str(keys), "--log-level", "info", "--peer", f"b={ns.addr}:7700",
         "--route", "uart0=b", "--forward-timeout", "1"))
     try:
-        def fault() -> None:
-            ns.link("down")
-            try:
-                time.sleep(length)
-            finally:
-                ns.link("up")
-        r = run_fault("servers", ("127.0.0.1", port), timeout, out, image, fault,
+        r = run_fault("servers", ("127.0.0.1", port), timeout, out, image,
+                      lambda: ns.cut(length),
                       tls=TlsConfig(keys, "bench"), entry_log=log)
         r["fault"] = f"a-b cut {length:g} s"
         if r["lost"] or r["doubled"] or not r["in_order"]:   # say what the servers saw

@@ -190,6 +190,21 @@ class RecordingIrq:
         self.calls.append(bool(level))
 
 
+def until_ok(fn, what: str, timeout: float = 15.0):
+    """Call ``fn`` until its status (or the first item of what it returns) is OK, and
+    return that: a link coming back by itself. Fails naming ``what`` (and the last
+    status) after ``timeout`` seconds; the deadline only bounds a broken run."""
+    from remote_hw.protocol.messages import Status
+    deadline = time.monotonic() + timeout
+    while True:
+        result = fn()
+        status = result[0] if isinstance(result, tuple) else result
+        if status == Status.OK:
+            return result
+        assert time.monotonic() < deadline, f"{what}: still {Status(status).name}"
+        time.sleep(0.05)
+
+
 class InterruptRecorder:
     """A link's ``on_interrupt`` callback: records ``(vm, device, line, level)`` and
     lets a test wait for one of them (the link calls it from its reader thread)."""

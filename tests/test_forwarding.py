@@ -15,7 +15,7 @@ from remote_hw.server.controller import Controller
 from remote_hw.server.directory import StaticDirectory
 from remote_hw.server.listener import Server
 
-from helpers import InterruptRecorder, free_port
+from helpers import InterruptRecorder, free_port, until_ok
 
 R, W, PORT = Direction.READ, Direction.WRITE, AccessKind.PORT
 
@@ -235,18 +235,6 @@ def test_a_vm_waiting_for_a_stopped_server_does_not_hold_up_another_vm(cold_ids)
 
 # ------------------------------------------------------------------ the link between servers
 
-def _until_ok(fn, what: str, timeout: float = 15.0):
-    """Call ``fn`` until its status is OK (the entry's link coming back by itself)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        status = result[0] if isinstance(result, tuple) else result
-        if status == Status.OK:
-            return result
-        assert time.monotonic() < deadline, f"{what}: still {Status(status).name}"
-        time.sleep(0.05)
-
-
 def _cut(a: Server) -> ServerLink:
     """Break a's connection to b under its link (as a NAT that forgets the flow, or a
     peer reset, would); the link must notice and come back by itself."""
@@ -271,7 +259,7 @@ def test_a_cut_link_between_servers_resumes_the_devices_as_they_were(platform, c
             assert link.io(1, "uart0", PORT, offset, 1, W, value)[0] == Status.OK
         assert irqs.wait_for((1, "uart0", 0, True))
         peer = _cut(a)
-        assert _until_ok(lambda: link.io(1, "uart0", PORT, 7, 1, R),
+        assert until_ok(lambda: link.io(1, "uart0", PORT, 7, 1, R),
                          "the scratch register through a") == (Status.OK, 0x5A)
         assert link.io(1, "uart0", PORT, 3, 1, R) == (Status.OK, 0x03)   # LCR kept
         assert peer.recovery is not None and peer.recovery.resumed == 1
@@ -295,7 +283,7 @@ def test_a_vm_detached_while_the_link_between_servers_is_down_is_detached_on_b(p
         assert len(b.controller.instances()) == 2
         _cut(a)
         assert link.detach(2) == Status.OK        # answered by a at once
-        _until_ok(lambda: link.io(1, "uart0", PORT, 7, 1, R), "vm 1's device through a")
+        until_ok(lambda: link.io(1, "uart0", PORT, 7, 1, R), "vm 1's device through a")
         deadline = time.monotonic() + 5
         while len(b.controller.instances()) != 1 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -340,7 +328,7 @@ def test_a_device_that_moved_is_followed_and_the_old_server_lets_it_go(caplog):
         assert link.io(1, "uart0", PORT, 7, 1, W, 0x77)[0] == Status.OK
         b.stop()
         a.router.forwarder.directory.routes["uart0"] = "c"   # moved, as etcd would say
-        assert _until_ok(lambda: link.io(1, "uart0", PORT, 7, 1, R),
+        assert until_ok(lambda: link.io(1, "uart0", PORT, 7, 1, R),
                          "uart0 on c") == (Status.OK, 0)      # a new instance, on c
         assert "uart0 found again on server c" in caplog.text
         assert len(c.controller.instances()) == 1

@@ -24,7 +24,7 @@ from remote_hw.server.controller import Controller
 from remote_hw.server.directory import StaticDirectory
 from remote_hw.server.listener import Server
 
-from helpers import make_keys
+from helpers import make_keys, until_ok
 
 R, W, PORT = Direction.READ, Direction.WRITE, AccessKind.PORT
 SCRATCH = 7
@@ -145,18 +145,6 @@ def test_an_entry_server_still_works_with_a_device_server_without_origin(keys, c
         b.stop()
 
 
-def _until_ok(fn, what: str, timeout: float = 15.0):
-    """Call ``fn`` until its status is OK (the entry's link coming back by itself)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        status = result[0] if isinstance(result, tuple) else result
-        if status == Status.OK:
-            return result
-        assert time.monotonic() < deadline, f"{what}: still {Status(status).name}"
-        time.sleep(0.1)
-
-
 def test_after_the_device_server_restarts_the_entry_names_its_clients_again(keys, caplog):
     """b restarts (a new session for a's link): a's link names alice again (ORIGIN)
     before it attaches her device again, so b's --allow still lets her in, and bob,
@@ -180,7 +168,7 @@ def test_after_the_device_server_restarts_the_entry_names_its_clients_again(keys
         assert alice.io(1, "bdev", PORT, SCRATCH, 1, W, 0x5A)[0] == Status.OK
         b.stop()
         b = start_b(port)    # the same address; it knows nothing of a's session
-        value = _until_ok(lambda: alice.io(1, "bdev", PORT, SCRATCH, 1, R),
+        value = until_ok(lambda: alice.io(1, "bdev", PORT, SCRATCH, 1, R),
                           "alice's device through a after b restarted")
         assert value == (Status.OK, 0)     # a new instance, from power-on state
         assert logged(caplog, "is back: a new session")

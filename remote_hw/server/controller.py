@@ -56,6 +56,20 @@ class ShadowSink(Protocol):
     def shadow(self, vm_id: int, device: str, shadow: RegisterShadow | None) -> None: ...
 
 
+def interrupt_vms(sink: Any, vm_ids: tuple[int, ...], device: str, line: int,
+                  level: bool) -> None:
+    """A line change for several VMs of one sink. A sink that takes several at once (a
+    session: ``interrupt_vms``) gets them in one call: a shared device's edge to a
+    client's 100 VMs is one call and one encode of 100 frames, not 100 of each, with
+    the device's lock held. Any other sink gets one ``interrupt`` per VM."""
+    many = getattr(sink, "interrupt_vms", None)
+    if many is not None:
+        many(vm_ids, device, line, level)
+    else:
+        for vm_id in vm_ids:
+            sink.interrupt(vm_id, device, line, level)
+
+
 class _InstanceIrq:
     """The interrupt line handed to a model: fans level changes out to attached VMs."""
 
@@ -78,15 +92,7 @@ class _InstanceIrq:
             self.instance.refresh_shadow()
         device, line = self.instance.spec.id, self.line
         for sink, vms in self.instance.fanout():
-            # A sink that takes several VMs at once (a session) gets them in one call:
-            # a shared device's edge to a client's 100 VMs is one call and one encode
-            # of 100 frames, not 100 of each, with the device's lock held.
-            many = getattr(sink, "interrupt_vms", None)
-            if many is not None:
-                many(vms, device, line, level)
-            else:
-                for vm_id in vms:
-                    sink.interrupt(vm_id, device, line, level)
+            interrupt_vms(sink, vms, device, line, level)
 
 
 @dataclass(eq=False)

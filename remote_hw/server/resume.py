@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from remote_hw.protocol import messages as m
 from remote_hw.protocol.messages import Status
+from remote_hw.server.controller import interrupt_vms
 
 if TYPE_CHECKING:
     from remote_hw.server.session import ClientSession
@@ -127,14 +128,8 @@ class SinkRelay:
     def interrupt_vms(self, vm_ids: tuple[int, ...], device: str, line: int,
                       level: bool) -> None:
         t = self.target
-        if t is None:
-            return
-        many = getattr(t, "interrupt_vms", None)
-        if many is not None:
-            many(vm_ids, device, line, level)
-        else:
-            for vm_id in vm_ids:
-                t.interrupt(vm_id, device, line, level)
+        if t is not None:
+            interrupt_vms(t, vm_ids, device, line, level)
 
     def event(self, vm_id: int, device: str, name: str) -> None:
         t = self.target

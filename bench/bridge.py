@@ -44,12 +44,14 @@ interrupt line) with three 16550s on PCI, each bound by the guest's unmodified
       run with ``--no-posting``, BAR0 to a server child on loopback, its tcp backend
       read by this process): every BAR access waits for the server;
 * (c) ``bridge-posted``: the same with a second bridge child in its default mode,
-      posting (THR writes posted, LSR/MSR/IER/LCR/MCR answered from the shadow).
+      posting (THR writes posted, LSR/MSR/IER/LCR/MCR answered from the shadow);
+* (d) ``bridge-mmio``: (c) with ``--template mmio-serial``: the UART behind a memory
+      BAR, which QEMU may post writes to (it waits for every write to an I/O BAR).
 
-A bridge has one mode per process, so (b) and (c) are two bridge children, two
-``vfio-user-pci`` devices of the same guest and two UARTs (uart1, uart0) of the same
-server: one boot for all three. Two measurements, each R rounds visiting the ports in
-turn:
+A bridge has one mode per process, so (b), (c) and (d) are three bridge children,
+three ``vfio-user-pci`` devices of the same guest and three UARTs (uart1, uart0,
+uart2) of the same server: one boot for all four. Two measurements, each R rounds
+visiting the ports in turn:
 
 1. ``cat`` of a --size file (64 KiB of seeded random bytes, every byte value) to the
    port; bytes/s from the first byte's arrival at the host socket to the last's. Every
@@ -169,10 +171,10 @@ def start_server(*devices: str, preexec: Callable[[], None] | None = None
 
 def start_bridge(sock: str, port: int, preexec: Callable[[], None] | None = None,
                  c_path: bool = True, log_level: str = "warning", device: str = "uart0",
-                 posting: bool = True) -> Child:
+                 posting: bool = True, template: str = "pci-serial") -> Child:
     env = dict(os.environ) if c_path else dict(os.environ, REMOTE_HW_FASTIO="0")
     br = remote_hw("bridge", "--socket", sock, "--device", f"a/{device}", "--server",
-                   f"a=127.0.0.1:{port}", "--log-level", log_level,
+                   f"a=127.0.0.1:{port}", "--log-level", log_level, "--template", template,
                    *([] if posting else ["--no-posting"]), preexec=preexec, env=env)
     br.wait_for(rf"serving a/{device}")
     return br
@@ -420,7 +422,7 @@ def latency(mode: str, count: int, rounds: int) -> None:
 APPLETS = ["sh", "mount", "stty", "echo", "cat", "sleep", "dd", "kill", "grep", "tr",
            "poweroff", "true", "uname"]
 # PCI slots: which ttyS is which is read from sysfs.
-BRIDGED_SLOT, NATIVE_SLOT, SYNC_SLOT = 4, 5, 6
+BRIDGED_SLOT, NATIVE_SLOT, SYNC_SLOT, MMIO_SLOT = 4, 5, 6, 7
 DATA = "/data"  # the file the guest cats: a seeded pseudo-random stream (every byte value)
 
 
@@ -612,7 +614,8 @@ def _serial_info(con: Console) -> dict[str, tuple[int, int]]:
     """ttyS name -> (irq, tx): the guest driver's own count of bytes it put in THR."""
     out = con.run("cat /proc/tty/driver/serial")
     return {f"ttyS{m.group(1)}": (int(m.group(2)), int(m.group(3)))
-            for m in re.finditer(r"^(\d+): uart:\S+ port:\S+ irq:(\d+) tx:(\d+)", out, re.M)}
+            for m in re.finditer(r"^(\d+): uart:\S+ (?:port|mmio):\S+ irq:(\d+) tx:(\d+)", out,
+                                 re.M)}
 
 
 def _irq_counts(con: Console) -> dict[int, int]:
@@ -646,7 +649,8 @@ def progress(text: str) -> None:
 # The three ports of one guest, in the order each round visits them.
 PORTS = {"pci-serial": "(a) QEMU's built-in pci-serial, socket chardev",
          "bridge-sync": "(b) bridge --no-posting (every access waits)",
-         "bridge-posted": "(c) bridge, posting (default)"}
+         "bridge-posted": "(c) bridge, posting (default)",
+         "bridge-mmio": "(d) bridge, posting, --template mmio-serial (a memory BAR)"}
 
 
 def throughput(seconds: float, rounds: int, size: int) -> int:
@@ -661,9 +665,11 @@ def throughput(seconds: float, rounds: int, size: int) -> int:
     # One server, two UARTs: uart0 for the posting bridge, uart1 for the --no-posting
     # one (a bridge has one mode per process); each its own tcp backend.
     server, port = start_server("uart0=uart16550,backend=tcp:127.0.0.1:0",
-                                "uart1=uart16550,backend=tcp:127.0.0.1:0")
+                                "uart1=uart16550,backend=tcp:127.0.0.1:0",
+                                "uart2=uart16550,backend=tcp:127.0.0.1:0")
     children = [server]
     sock, sock_sync = folder / "uart.sock", folder / "sync.sock"
+    sock_mmio = folder / "mmio.sock"
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(STEP_TIMEOUT)
     con: Console | None = None
@@ -675,6 +681,9 @@ def throughput(seconds: float, rounds: int, size: int) -> int:
         sync_br = start_bridge(str(sock_sync), port, log_level="info", device="uart1",
                                posting=False)
         children.append(sync_br)
+        mmio_br = start_bridge(str(sock_mmio), port, log_level="info", device="uart2",
+                               template="mmio-serial")
+        children.append(mmio_br)
         chardev_port = listener.getsockname()[1]
         # q35: each PCI slot here gets its own interrupt line (GSI 20, 21, 22). On `pc`
         # two of the three would share IRQ 10 or 11, and 8250's handler reads the IIR of
@@ -691,6 +700,9 @@ def throughput(seconds: float, rounds: int, size: int) -> int:
                 "-device", json.dumps({"driver": "vfio-user-pci", "id": "rhw-sync",
                                        "addr": f"{SYNC_SLOT:#x}",
                                        "socket": {"type": "unix", "path": str(sock_sync)}}),
+                "-device", json.dumps({"driver": "vfio-user-pci", "id": "rhw-mmio",
+                                       "addr": f"{MMIO_SLOT:#x}",
+                                       "socket": {"type": "unix", "path": str(sock_mmio)}}),
                 "-chardev", f"socket,id=ps,host=127.0.0.1,port={chardev_port}",
                 "-device", f"pci-serial,chardev=ps,addr={NATIVE_SLOT:#x}"]
         con = Console(bridge_qemu.command(args))
@@ -698,13 +710,15 @@ def throughput(seconds: float, rounds: int, size: int) -> int:
         native = Sink(native_sock)
         con.expect(rb"@@READY", BOOT_TIMEOUT)
         backends = {d: int(server.wait_for(rf"\b{d}: backend tcp:[\d.]+:(\d+)").group(1))
-                    for d in ("uart0", "uart1")}
+                    for d in ("uart0", "uart1", "uart2")}
         posted = Sink(socket.create_connection(("127.0.0.1", backends["uart0"]), timeout=10))
         sync = Sink(socket.create_connection(("127.0.0.1", backends["uart1"]), timeout=10))
+        mmio = Sink(socket.create_connection(("127.0.0.1", backends["uart2"]), timeout=10))
         # name -> (guest tty, host sink, shell fd)
         ports = {"pci-serial": (_tty_of_slot(con, NATIVE_SLOT), native, 4),
                  "bridge-sync": (_tty_of_slot(con, SYNC_SLOT), sync, 5),
-                 "bridge-posted": (_tty_of_slot(con, BRIDGED_SLOT), posted, 3)}
+                 "bridge-posted": (_tty_of_slot(con, BRIDGED_SLOT), posted, 3),
+                 "bridge-mmio": (_tty_of_slot(con, MMIO_SLOT), mmio, 6)}
         for tty, _, fd in ports.values():
             # The shell keeps each port open, so a writer's exit never waits for a drain.
             con.run(f"stty -F /dev/{tty} 115200 raw -echo -opost clocal -crtscts && "
@@ -762,7 +776,8 @@ def throughput(seconds: float, rounds: int, size: int) -> int:
         con.p.wait(STEP_TIMEOUT)
         ended = r"ended \((\d+) BAR accesses forwarded, (\d+) INTx triggers, (\d+) unmasks\)"
         counters = {"bridge-posted": posted_br.wait_for(ended),
-                    "bridge-sync": sync_br.wait_for(ended)}
+                    "bridge-sync": sync_br.wait_for(ended),
+                    "bridge-mmio": mmio_br.wait_for(ended)}
     finally:
         if con is not None:
             con.stop()
@@ -801,6 +816,8 @@ def throughput(seconds: float, rounds: int, size: int) -> int:
     ratio("bridge-posted", "bridge-sync", cat_rates, "(c)/(b): what posting gives")
     ratio("bridge-posted", "pci-serial", cat_rates, "(c)/(a): against QEMU's own")
     ratio("bridge-sync", "pci-serial", cat_rates, "(b)/(a)")
+    ratio("bridge-mmio", "bridge-posted", cat_rates, "(d)/(c): what a memory BAR gives")
+    ratio("bridge-mmio", "pci-serial", cat_rates, "(d)/(a)")
     verdict = "all exact" if not failures else f"{len(failures)} NOT EXACT"
     print(f"    check: each transfer's bytes at the server's backend (or QEMU's socket) "
           f"against the guest's file, and the guest driver's tx count: {verdict}")
@@ -812,6 +829,8 @@ def throughput(seconds: float, rounds: int, size: int) -> int:
     ratio("bridge-posted", "bridge-sync", dd_rates, "(c)/(b)")
     ratio("bridge-posted", "pci-serial", dd_rates, "(c)/(a)")
     ratio("bridge-sync", "pci-serial", dd_rates, "(b)/(a)")
+    ratio("bridge-mmio", "bridge-posted", dd_rates, "(d)/(c)")
+    ratio("bridge-mmio", "pci-serial", dd_rates, "(d)/(a)")
     for name, m in counters.items():
         sink = ports[name][1]
         moved = sink.total

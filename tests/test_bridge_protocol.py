@@ -226,6 +226,21 @@ def test_pci_serial_template_is_qemus_pci_serial():
     assert SERIAL.irq_info(1)[1] == 0  # no MSI
 
 
+def test_mmio_serial_template_has_a_memory_bar_and_ids_8250_pci_binds():
+    """mmio-serial: the UART behind a 16-byte memory BAR0 (QEMU posts writes to a
+    memory BAR) with Realtek's RealManage ids, which 8250_pci's table maps to one
+    16550 on BAR0; the BAR's type bits are read-only and say "memory, 32-bit"."""
+    t = TEMPLATES["mmio-serial"]
+    cfg = ConfigSpace(t)
+    assert struct.unpack("<HH", cfg.read(0, 4)) == (0x10EC, 0x816A)
+    assert cfg.read(0x09, 3) == bytes([0x02, 0x00, 0x07])  # class 0x070002
+    assert struct.unpack("<I", cfg.read(0x10, 4))[0] & 0xF == 0  # memory, 32-bit
+    cfg.write(0x10, struct.pack("<I", 0xFFFFFFFF))  # sizing: 16 bytes, type bits kept
+    assert struct.unpack("<I", cfg.read(0x10, 4))[0] == 0xFFFFFFF0
+    assert t.region_info(0)[1] == 16 and t.window == {0: 8}
+    assert cfg.read(0x3D, 1) == b"\x01"  # INTA#
+
+
 def test_config_writes_keep_only_writable_bits():
     cfg = ConfigSpace(SERIAL)
     cfg.write(0x00, b"\xff\xff\xff\xff")  # ids are read-only

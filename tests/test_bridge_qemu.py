@@ -415,6 +415,46 @@ def test_linux_drives_a_remote_uart_through_the_bridge(tmp_path, guest):
     assert "Traceback" not in bridge.output(), bridge.output()
 
 
+def test_a_memory_bar_lets_qemu_post_the_guests_writes(tmp_path, guest):
+    """``--template mmio-serial``: the UART behind a memory BAR, with the ids of
+    Realtek's RealManage UART, which the unmodified 8250_pci binds as one port on BAR0
+    (MMIO). Text out arrives byte for byte, text in is read by interrupts, and QEMU
+    sent the guest's BAR writes without waiting for answers (to an I/O BAR it waits
+    for every one, so each byte cost a round trip QEMU -> bridge -> QEMU)."""
+    kernel, initrd = guest
+    server, port = start_server("uart0=uart16550,backend=tcp:127.0.0.1:0")
+    sock = tmp_path / "uart.sock"
+    bridge = start_bridge(sock, port, "--template", "mmio-serial")
+    vm = Guest(kernel, initrd, sock)
+    try:
+        vm.expect(rb"@@READY", BOOT_TIMEOUT)
+        dmesg = vm.run("dmesg | grep -E '10ec:816a|ttyS1'")
+        assert re.search(r"\[10ec:816a\] type 00 class 0x070002", dmesg), dmesg
+        assert re.search(r"ttyS1 at MMIO 0x[0-9a-f]+ \(irq = \d+, base_baud = 115200\) "
+                         r"is a 16550A", dmesg), dmesg
+        assert "ttyS2" not in dmesg
+        backend = connect_backend(backend_port(server, "uart0"))
+        vm.run("stty -F /dev/ttyS1 115200 raw -echo clocal -crtscts && exec 3<>/dev/ttyS1")
+        vm.run(TX_CMD)
+        assert read_until(backend, TX_TEXT[-60:], timeout=STEP_TIMEOUT) == TX_TEXT
+        rx = b"typed into a memory-mapped UART"
+        vm.send(f"dd bs=1 count={len(rx)} <&3 2>/dev/null; echo")
+        backend.sendall(rx)
+        m = vm.expect(rb"([^\r\n]*)\r?\n@@DONE 0")
+        assert m.group(1) == rx
+        vm.send("poweroff -f")
+        assert vm.p.wait(STEP_TIMEOUT) == 0
+        ended = bridge.wait_for(r"ended \((\d+) BAR accesses forwarded.*QEMU waited for no "
+                                r"answer to (\d+) BAR writes", STEP_TIMEOUT)
+        # Every byte out is a THR write; with an I/O BAR this figure is 0.
+        assert int(ended.group(2)) >= len(TX_TEXT), ended.group(0)
+    finally:
+        vm.stop()
+        bridge.stop()
+        server.stop()
+    assert "Traceback" not in bridge.output(), bridge.output()
+
+
 def test_two_vms_on_one_bridge_over_mutual_tls_get_their_own_uarts(tmp_path, guest):
     """Two QEMUs on one bridge, the link in mutual TLS: each guest binds its own
     16550, its text reaches only its own instance's backend, and text sent into a

@@ -86,8 +86,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "SERVER; the entry forwards), e.g. --device b/uart0 --server "
                         "a=HOST:PORT --via b=a; repeat")
     b.add_argument("--template", choices=sorted(TEMPLATES), default="pci-serial",
-                   help="the PCI identity shown to the guest (default pci-serial: a 16550 "
-                        "that Linux's 8250_pci binds)")
+                   help="the PCI identity shown to the guest: pci-serial (default; QEMU's "
+                        "own, an I/O BAR) or mmio-serial (a memory BAR, which QEMU posts "
+                        "writes to without waiting); Linux's 8250_pci binds either as a "
+                        "16550")
     b.add_argument("--vm-id", type=vm_id_arg, default=1, metavar="N",
                    help="VM id of the first QEMU; each further QEMU connected at the same "
                         "time takes the next free id (default 1)")

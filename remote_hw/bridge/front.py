@@ -105,6 +105,9 @@ class Session:
         self.thread: threading.Thread | None = None
         # BAR region -> size: the regions whose accesses go to the server.
         self._bar_sizes = {index: bar.size for index, bar in bridge.template.bars.items()}
+        #: BAR writes QEMU sent without waiting for the answer (NO_REPLY): a memory
+        #: BAR's, by default; never an I/O BAR's (docs/bridge.md)
+        self.unanswered = 0
         self._recv = fastpath.reader(sock)
         self._reply = fastpath.replier(sock)
         self._fds: list[int] = []  # descriptors of the last read (the reader appends)
@@ -188,6 +191,8 @@ class Session:
                     dev.write(offset, count, value)
                 if not flags:  # flags is 0 or NO_REPLY here
                     self._reply(msg_id, command, offset, region, count, value)
+                else:
+                    self.unanswered += 1
                 return True
             return self._other_access(r)
         if type(r) is list:  # several: writes QEMU posted without waiting for replies
@@ -210,6 +215,8 @@ class Session:
             dev.write(offset, count, value)
         if not flags:
             self._reply(msg_id, command, offset, region, count, value)
+        else:
+            self.unanswered += 1
 
     def _other_access(self, a: fastpath.Access) -> bool:
         """An access that is not to a BAR: config space, or an error reply."""
@@ -636,8 +643,9 @@ class Bridge:
                 if status in _LINK_FAILURES:
                     self._stale.add(vm_id)
         fwd = session.device.forwarded if session.device else 0
-        log.info("%s: ended (%d BAR accesses forwarded, %d INTx triggers, %d unmasks)",
-                 session.label, fwd, session.intx.triggers, session.intx.unmasks)
+        log.info("%s: ended (%d BAR accesses forwarded, %d INTx triggers, %d unmasks); "
+                 "QEMU waited for no answer to %d BAR writes", session.label, fwd,
+                 session.intx.triggers, session.intx.unmasks, session.unanswered)
 
     def _on_link_state(self, link: ServerLink, up: bool, how: str) -> None:
         """The link went down or came back (called on the thread that saw it; back:

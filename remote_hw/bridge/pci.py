@@ -140,4 +140,11 @@ TEMPLATES: Final[dict[str, Template]] = {
         description="a 16550 UART as QEMU's pci-serial (Red Hat 1b36:0002, class 0x070002); "
                     "Linux's 8250_pci binds it",
         window={0: 8}),
+    "mmio-serial": Template(
+        name="mmio-serial", vendor=0x10EC, device=0x816A, class_code=0x070002, revision=0,
+        bars={0: Bar(size=16, io=False)}, interrupt_pin=1,
+        description="a 16550 UART behind a memory BAR, with the ids of Realtek's "
+                    "RealManage UART (10ec:816a), which Linux's 8250_pci binds as one "
+                    "port on BAR0; QEMU may post writes to a memory BAR",
+        window={0: 8}),
 }

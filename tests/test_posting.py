@@ -367,6 +367,32 @@ def test_a_device_that_only_posts_says_it_answers_again_once_a_post_is_confirmed
         link.close()
 
 
+def test_a_session_the_server_hung_up_on_resumes_and_sends_its_posts_again(server):
+    """The server ends the connection (EOF: the link's old protocol state is CLOSED)
+    while POSTs are unacknowledged: the link reconnects, resumes, and sends them again
+    on the *new* connection; each byte reaches the device once. (They were encoded
+    with the old, closed connection's state, which refused: the link never came
+    back.)"""
+    link = ServerLink("a", server.address, timeout=2.0, reconnect=True).connect()
+    try:
+        dev = device(link)
+        out = bytearray()
+        instance(server).add_output_listener(out.extend)
+        data = bytes(range(48, 48 + 100))
+        for byte in data:
+            dev.write(THR, 1, byte)                   # posted; fewer than a report's worth
+        assert dev.shadow.sent - dev.shadow.confirmed > 0
+        (session,) = [s for s in server.sessions() if s.name == "agent"]
+        session.t.shutdown()                          # the server hangs up
+        wait_until(lambda: not link.up, "the link to see the end")
+        wait_until(lambda: link.up, "the link to come back by itself", 10)
+        assert link.recovery is not None and link.recovery.resumed == 1
+        assert dev.read(SCR, 1) == 0                  # a round trip: all before is applied
+        assert bytes(out) == data                     # each byte once, in order
+    finally:
+        link.close()
+
+
 # -- real guests, real processes ------------------------------------------------------
 
 
@@ -510,9 +536,11 @@ def test_a_client_keeps_posting_after_its_entry_refused_posts(entry, fault):
     POST shrank its window for good, and after 2048 of them every write waited)."""
     a, b = entry
     link = ServerLink("a", a.address, timeout=2.0).connect()
+    restarted: Server | None = None
     try:
         dev = device(link)
         _post_through(dev, 3 * REPORT_EVERY)
+        assert dev.read(SCR, 1) == 0     # answered: every POST so far is applied on b
         peer = a.router.forwarder._links["b"]
         port = b.address[1]
         if fault == "cut":
@@ -528,13 +556,13 @@ def test_a_client_keeps_posting_after_its_entry_refused_posts(entry, fault):
         wait_until(lambda: not peer.up, "a's link to notice")
         for _ in range(POST_WINDOW + 2 * REPORT_EVERY):   # refused by a, reported later
             dev.write(THR, 1, 0x2A)
-        assert link.post_failures > POST_WINDOW // 2
+        # The failure reports come back on their own (the link's reader).
+        wait_until(lambda: link.post_failures > POST_WINDOW // 2, "a's refusals reported")
         if fault == "cut":
             peer.locate = locate
         else:
-            b = Server(Controller("b", [DeviceSpec("uart0", "uart16550")]), "127.0.0.1",
-                       port).start()
-            entry_b = b
+            restarted = Server(Controller("b", [DeviceSpec("uart0", "uart16550")]),
+                               "127.0.0.1", port).start()
         wait_until(lambda: dev.read(SCR, 1) != 0xFF and dev.shadow.posted,
                    "the device through a again", 10)
         posted, forwarded = dev.posted, dev.forwarded
@@ -547,8 +575,8 @@ def test_a_client_keeps_posting_after_its_entry_refused_posts(entry, fault):
         assert dev.read(SCR, 1) == 0          # a round trip: everything before is applied
     finally:
         link.close()
-        if fault == "restart":
-            entry_b.stop()
+        if restarted is not None:
+            restarted.stop()
 
 
 def test_a_forwarded_post_that_fails_is_reported_under_the_clients_id(entry, caplog):

@@ -808,15 +808,16 @@ class ServerLink:
             log.error("server %s: up to %d posted write(s) may not have been applied (%s)",
                       self.name, lost, reason)
 
-    def resend_posts(self, send: Callable[[bytes], None]) -> int:
+    def resend_posts(self, send: Callable[[bytes], None], conn: Connection) -> int:
         """After a resumed session: the POSTs not known applied, again, with their ids
-        (the server applies each id once). Returns how many."""
+        (the server applies each id once), encoded by ``conn``, the new connection's
+        (the old one may be closed: a server that hung up). Returns how many."""
         n = 0
         frames = []
         for sh in self._shadows.values():
             if sh.kept:
                 for rid, kind, offset, size, data, server_id in sh.kept:
-                    frames.append(self._conn.send_post(rid, sh.vm_id, 0, offset, data, kind,
+                    frames.append(conn.send_post(rid, sh.vm_id, 0, offset, data, kind,
                                                        size, 0, server_id, sh.device))
                     n += 1
         # Forwarded POSTs (an entry server's link) are not acknowledged to this link,
@@ -827,7 +828,7 @@ class ServerLink:
         for low, (rid, vm_id, client_id, kind, offset, size, data, hops, server_id,
                   device) in list(self._forwarded):
             if newest - low < m.WRITE_WINDOW:
-                frames.append(self._conn.send_post(rid, vm_id, client_id, offset, data, kind,
+                frames.append(conn.send_post(rid, vm_id, client_id, offset, data, kind,
                                                    size, hops, server_id, device))
                 n += 1
         self._forwarded.clear()

@@ -134,13 +134,17 @@ class Recovery:
                 self._again = reason
                 return
             self._running = True
-            self._thread = threading.Thread(target=self._run, args=(reason,),
-                                            name=f"reconnect-{self.link.name}", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, args=(reason,),
+                                      name=f"reconnect-{self.link.name}", daemon=True)
+            thread.start()
+            # Published only once started (under the lock stop() takes): a stop()
+            # racing with this must not join a thread that has not started.
+            self._thread = thread
 
     def stop(self) -> None:
         self._stop.set()
-        t = self._thread
+        with self._lock:
+            t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(timeout=CONNECT_TIMEOUT + 1)
 
@@ -215,7 +219,7 @@ class Recovery:
                 self.unsent_detaches.pop((vm_id, client_id), None)
             # POSTs not known applied go first, as they were sent first; the server
             # applies each request id once (posting.py), so re-sending is safe.
-            reposted = self.link.resend_posts(t.send)
+            reposted = self.link.resend_posts(t.send, conn)
             retried = 0
             while True:  # writes recorded while we replay are replayed too, in order
                 with self._lock:

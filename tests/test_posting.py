@@ -567,11 +567,12 @@ def test_a_client_keeps_posting_after_its_entry_refused_posts(entry, fault):
                    "the device through a again", 10)
         posted, forwarded = dev.posted, dev.forwarded
         _post_through(dev, 4 * POST_WINDOW, pause_every=REPORT_EVERY // 2)
-        # Every write was posted: the credits came back by SHADOW. (Without the
-        # entry's count they never did, and each window's worth ended in a write
-        # that waited.)
+        # The writes were posted: the credits came back by SHADOW. (Without the
+        # entry's count they never did, and each window's worth, 2048 writes, ended
+        # in a write that waited: 3 or 4 here. One is allowed for a loaded machine,
+        # where a pause may not be long enough for the credits' two hops.)
         waited = (dev.forwarded - forwarded) - (dev.posted - posted)
-        assert waited == 0, f"{waited} of {4 * POST_WINDOW} writes waited"
+        assert waited <= 1, f"{waited} of {4 * POST_WINDOW} writes waited"
         assert dev.read(SCR, 1) == 0          # a round trip: everything before is applied
     finally:
         link.close()

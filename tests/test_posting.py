@@ -580,6 +580,43 @@ def test_a_client_keeps_posting_after_its_entry_refused_posts(entry, fault):
             restarted.stop()
 
 
+def test_a_client_keeps_posting_after_its_device_moved_to_another_server(entry):
+    """b goes away and the directory places uart0 on c: the POST that finds the move is
+    passed to c's new instance, which counts from 0; the entry's count makes the
+    client's credits come back from c as they did from b (one POST off, and every
+    credit after would have been ignored for good)."""
+    a, b = entry
+    c = Server(Controller("c", [DeviceSpec("uart0", "uart16550")]), "127.0.0.1", 0).start()
+    fw = a.router.forwarder
+    fw.directory.servers["c"] = c.address   # a knows where c is, as etcd would tell it
+    link = ServerLink("a", a.address, timeout=2.0).connect()
+    try:
+        dev = device(link)
+        _post_through(dev, 3 * REPORT_EVERY)
+        assert dev.read(SCR, 1) == 0
+        peer_b = fw._links["b"]
+        b.stop()
+        wait_until(lambda: not peer_b.up, "a's link to b to notice")
+        fw.directory.routes["uart0"] = "c"      # moved
+        dev.write(THR, 1, 0x21)                 # posted: this POST finds the move
+        wait_until(lambda: c.controller.instances(), "uart0 attached on c", 10)
+        wait_until(lambda: dev.read(SCR, 1) != 0xFF and dev.shadow.posted,
+                   "uart0 through a on c", 10)
+        # 1 + 8191 POSTs on c: its last report (every 512) comes with the last POST
+        # applied, and must then say every POST the client sent is applied. One off
+        # (the POST that found the move counted twice), the client would ignore it as
+        # a count from the future and wait for credits that never come.
+        posted, forwarded = dev.posted, dev.forwarded
+        _post_through(dev, 4 * POST_WINDOW - 1, pause_every=REPORT_EVERY // 2)
+        waited = (dev.forwarded - forwarded) - (dev.posted - posted)
+        assert waited <= 1, f"{waited} of {4 * POST_WINDOW} writes waited"
+        sh = dev.shadow
+        wait_until(lambda: sh.confirmed == sh.sent, "c's last report to cover every POST", 5)
+    finally:
+        link.close()
+        c.stop()
+
+
 def test_a_forwarded_post_that_fails_is_reported_under_the_clients_id(entry, caplog):
     a, b = entry
     link = ServerLink("a", a.address).connect()

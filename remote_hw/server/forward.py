@@ -233,6 +233,7 @@ class Forwarder:
             link = self._reattach(key)
             if link is None:
                 return Status.UNREACHABLE, 0
+            target = self.routes[key]   # it may have moved: name where it is now
         return link.io(vm_id, device, kind, offset, size, direction, data, server_id=target,
                        client_id=client_id, hops=hops + 1)
 
@@ -247,6 +248,8 @@ class Forwarder:
             count.total += 1
         target = self.routes.get(key)
         if target is None or (explicit and explicit != target):
+            if count is not None:   # refused here: the device server never counts it
+                count.base += 1
             return Status.NOT_ATTACHED
         status = Status.UNREACHABLE
         if hops >= MAX_HOPS:
@@ -254,7 +257,8 @@ class Forwarder:
         else:
             link = self._attached_on.get(key)
             if link is None or not link.up:
-                link = self._reattach(key)
+                link = self._reattach(key, pending=1)
+                target = self.routes[key]   # it may have moved: name where it is now
             if link is not None:
                 peer_rid = link.post_id()
                 with self._posts_lock:  # filed first: its failure may come back at once
@@ -291,8 +295,10 @@ class Forwarder:
             self._told[(client_id, target)] = link
         return status
 
-    def _reattach(self, key: RouteKey) -> ServerLink | None:
-        """The route's server went away: find it again (it may have moved)."""
+    def _reattach(self, key: RouteKey, pending: int = 0) -> ServerLink | None:
+        """The route's server went away: find it again (it may have moved).
+        ``pending``: POSTs counted already that the new instance will count too (the
+        one being passed on)."""
         client_id, vm_id, device = key
         target = self.directory.lookup(device) or self.routes[key]
         link = self._link(target)
@@ -320,7 +326,7 @@ class Forwarder:
         self._attached_on[key] = link
         count = self._counts.get(key)
         if count is not None:   # a new instance there counts from 0
-            count.base = count.total
+            count.base = count.total - pending
         log.info("client %d vm %d: %s found again on server %s", client_id, vm_id, device,
                  target)
         return link

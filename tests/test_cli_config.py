@@ -75,6 +75,10 @@ def test_parse_server_and_size():
     (["server", "--device", "uart0"], "argument --device"),
     (["server", "--server-id", "a b"], "argument --server-id"),
     (["vm"], "--image"),
+    (["server", "--send-timeout", "0"], "argument --send-timeout: 0 must be above 0"),
+    (["server", "--forward-timeout", "soon"], "argument --forward-timeout: 'soon' is not"),
+    (["bridge", "--socket", "/tmp/x.sock", "--device", "a/uart0", "--server",
+      "a=127.0.0.1:7700", "--template", "isa-serial"], "argument --template: invalid choice"),
 ])
 def test_cli_argument_errors_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:

@@ -197,6 +197,8 @@ def test_limits_refuse_nonsense():
         Limits(max_queue=0)
     with pytest.raises(ValueError, match="--idle-timeout"):
         Limits(idle_timeout=0)
+    with pytest.raises(ValueError, match="--send-timeout"):
+        Limits(send_timeout=-1)
 
 
 def test_outbox_never_blocks_and_overflows_once():

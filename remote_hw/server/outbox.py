@@ -131,6 +131,10 @@ class Outbox:
         """Hold ``level`` for the line ``key`` instead of queueing a frame, if the peer
         is behind (more than ``behind`` bytes wait). False: it is not behind, and the
         caller queues the frame as usual (``put``)."""
+        # The common case, a peer that keeps up, without the lock: a stale read only
+        # queues one frame more, or is looked at again under the lock below.
+        if self._queued + self._kernel <= self.behind and not self._closed:
+            return False
         with self._cond:
             if self._closed:
                 self.dropped_frames += 1

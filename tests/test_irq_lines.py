@@ -57,3 +57,26 @@ def test_map_irq_list_parses_per_line():
 def test_map_irq_list_errors(bad: str, why: str):
     with pytest.raises(ConfigError, match=why):
         parse_map(f"port:0x60-0x64=a/kbd0,{bad}")
+
+
+def test_an_unrouted_line_is_named_once_when_raised_and_not_when_lowered(caplog):
+    """A resumed session re-sends every line's level (remote_hw/net/resume.py); a low
+    level on a line no ``irq=`` routes changes nothing, so it is not worth a warning.
+    A raised one is named, once per line."""
+    from remote_hw.client.agent import Agent
+
+    handlers = {}
+
+    def link_factory(name, addr, **kw):
+        handlers[name] = kw["on_interrupt"]
+        return None
+
+    Agent({"a": ("127.0.0.1", 9)}, link_factory=link_factory)
+    deliver = handlers["a"]
+    with caplog.at_level("WARNING", logger="remote_hw.client"):
+        deliver(1, "uart0", 0, False, 1)
+        assert "does not route" not in caplog.text
+        deliver(1, "uart0", 0, True, 1)
+        deliver(1, "uart0", 0, True, 1)
+    assert caplog.text.count("does not route") == 1, caplog.text
+    assert "vm 1 device uart0 line 0" in caplog.text

@@ -8,7 +8,9 @@ silence, as with a cable pulled between switches).
   afterwards) and the guest goes on: 0 bytes lost, 0 doubled.
 * ``--timeout 2``: the access in flight ends at its deadline, the device reads as
   removed, and when the partition heals the link resumes its session and retries
-  that write under its request id: applied once (nothing doubled).
+  that write under its request id: applied once (nothing doubled). Run twice: with
+  the default send buffers the deadline finds a write waiting for its answer; with
+  small ones it finds POSTs being sent, which are kept and sent again.
 
 Real processes and guests, mutual TLS; asserts correctness, not speed.
 """
@@ -52,6 +54,15 @@ def link_state(rig, state: str) -> None:
                    check=True, capture_output=True)
 
 
+def tcp_wmem(rig, value: str) -> str:
+    """Set the client namespace's ``net.ipv4.tcp_wmem`` (through procfs: a fresh
+    machine may have no sysctl binary); return what it was."""
+    path = "/proc/sys/net/ipv4/tcp_wmem"
+    return subprocess.run(["ip", "netns", "exec", f"{rig.prefix}-client", "sh", "-c",
+                           f"cat {path}; echo '{value}' > {path}"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
 def size(path) -> int:
     return path.stat().st_size if path.exists() else 0
 
@@ -60,9 +71,12 @@ def size(path) -> int:
 def partitioned(rig, keys, tmp_path):
     """Run a server on a and a counting guest on the client; partition them 4 s."""
     procs: list[Proc] = []
+    saved: list[str] = []
 
-    def run(timeout: float) -> tuple[Proc, Proc, bytes]:
+    def run(timeout: float, wmem: str | None = None) -> tuple[Proc, Proc, bytes]:
         out = tmp_path / "uart0.out"
+        if wmem:  # the client host's TCP send buffers (min default max), for this run
+            saved.append(tcp_wmem(rig, wmem))
         server = Proc(rig.cmd("a", remote_hw_cmd(
             "server", "--listen", f"{rig.addr('a')}:7700", "--server-id", "a",
             "--no-mount", "--tls-dir", str(keys),
@@ -85,6 +99,8 @@ def partitioned(rig, keys, tmp_path):
 
     yield run
     link_state(rig, "up")
+    if saved:
+        tcp_wmem(rig, saved[0])
     for p in reversed(procs):
         p.stop()
 
@@ -99,10 +115,24 @@ def test_a_partition_within_the_timeout_loses_and_doubles_nothing(partitioned):
     assert "is gone" not in vm.output()
 
 
-def test_a_partition_past_the_timeout_resumes_and_applies_the_write_once(partitioned):
-    server, vm, out = partitioned(2.0)
-    vm.wait_for(r"is back: session resumed, devices as the guest left them; 1 write\(s\) "
-                r"in flight retried", timeout=30)
+@pytest.mark.parametrize("wmem", [None, "4096 4096 8192"],
+                         ids=["default-buffers", "small-send-buffer"])
+def test_a_partition_past_the_timeout_resumes_and_applies_the_write_once(partitioned,
+                                                                        wmem):
+    # With a small send buffer the partition catches the guest while its POSTs are
+    # being sent (CI's machine did so with its own buffers): the send times out and
+    # no write waits for an answer. Both are run so that both paths are exercised.
+    server, vm, out = partitioned(2.0, wmem)
+    back = vm.wait_for(r"is back: session resumed, devices as the guest left them; "
+                       r"(\d+) write\(s\) in flight retried under their request ids"
+                       r"(?:, (\d+) posted write\(s\) sent again)?", timeout=30)
+    # Which write the deadline finds depends on where the partition caught the guest:
+    # waiting for an answer (1 write in flight, retried under its request id) or
+    # blocked sending POSTs the cut link no longer took (the send times out after the
+    # link's timeout; those POSTs are kept and sent again). Either way something is
+    # recovered, and the judge below shows it applied once.
+    retried, reposted = int(back.group(1)), int(back.group(2) or 0)
+    assert retried <= 1 and retried + reposted >= 1, vm.output()
     grown = size(out) + 5000
     wait_until(lambda: size(out) > grown, "output after the resume", 30)
     assert vm.stop() == 130

@@ -291,7 +291,10 @@ class Agent:
             key = (server, vm_id, device, line)
             route = routes.get(key)
             if route is None:
-                if key not in unrouted:  # once per line: a busy line must not flood the log
+                # Once per line: a busy line must not flood the log. A low level is not
+                # worth a word: a resumed session re-sends every line's level, raised
+                # or not, and a line nobody routes is low here already.
+                if level and key not in unrouted:
                     unrouted.add(key)
                     log.warning("server %s sent an interrupt for vm %d device %s line %d, "
                                 "which this agent does not route (no irq for that line in "

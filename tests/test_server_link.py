@@ -18,7 +18,7 @@ from remote_hw.protocol.messages import AccessKind, Direction, Status
 from remote_hw.server.controller import Controller
 from remote_hw.server.listener import Server
 
-from helpers import InterruptRecorder, free_port
+from helpers import InterruptRecorder, free_port, wait_until
 
 R, W, PORT = Direction.READ, Direction.WRITE, AccessKind.PORT
 
@@ -312,3 +312,89 @@ def test_a_backend_that_cannot_open_fails_only_that_attach():
         link.close()
         srv.stop()
         taken.close()
+
+
+def test_an_answer_the_leaders_first_read_takes_wakes_its_waiting_caller(monkeypatch):
+    """Two VMs' accesses on one link: VM 1's caller leads (it sent first and reads), VM
+    2's caller waits as a follower. The leader's *first* read of its call brings VM 2's
+    answer, not its own. It must wake VM 2's caller at once; it used to leave it asleep
+    until the leader's own call ended, which for an access an entry server forwards to
+    a stopped server is a whole timeout (tests/test_forwarding.py caught this on a
+    loaded machine). The read slice is made long so that the first read is the one
+    that takes VM 2's answer; the order is forced, not timed."""
+    from remote_hw.net import link as link_mod
+    monkeypatch.setattr(link_mod, "READ_SLICE", 5.0)
+    # The background reader must not take the lead meanwhile (it does after 2 ms idle):
+    # then VM 1's caller would be a follower too, and the leader's first read is the
+    # path this is about.
+    monkeypatch.setattr(link_mod, "IDLE_GRACE", 5.0)
+    listener = socket.create_server(("127.0.0.1", 0))
+    got: dict[int, int] = {}          # vm id -> request id, as the server read them
+    answer_vm2 = threading.Event()
+    answer_vm1 = threading.Event()
+    arrived = threading.Condition()
+
+    def server() -> None:
+        sock, _ = listener.accept()
+        conn = Connection(Role.SERVER)
+        sock.settimeout(0.05)
+        answered: set[int] = set()
+        while True:
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                data = None
+            if data == b"":
+                break
+            if data:
+                conn.receive_data(data)
+                while (ev := conn.next_event()) is not NEED_DATA:
+                    if isinstance(ev, m.Hello):
+                        sock.sendall(conn.send(m.Welcome(client_id=1, name="a")))
+                    elif isinstance(ev, m.Attach):  # makes "uart0" known to the C path
+                        sock.sendall(conn.send(m.Feedback(request_id=ev.request_id,
+                                                          vm_id=ev.vm_id, client_id=1)))
+                    elif isinstance(ev, m.IoRequest):
+                        with arrived:
+                            got[ev.vm_id] = ev.request_id
+                            arrived.notify_all()
+            for vm, event in ((2, answer_vm2), (1, answer_vm1)):
+                if vm not in answered and vm in got and event.is_set():
+                    answered.add(vm)
+                    sock.sendall(conn.send(m.Feedback(request_id=got[vm], vm_id=vm,
+                                                      client_id=1, size=1, data=0x40 + vm)))
+        sock.close()
+
+    srv = threading.Thread(target=server, daemon=True)
+    srv.start()
+    link = ServerLink("a", listener.getsockname(), timeout=30.0).connect()
+    answers: dict[int, tuple[int, int]] = {}
+    vm1 = threading.Thread(target=lambda: answers.__setitem__(1, link.io(1, "uart0", PORT,
+                                                                           5, 1, R)))
+    vm2 = threading.Thread(target=lambda: answers.__setitem__(2, link.io(2, "uart0", PORT,
+                                                                           5, 1, R)))
+    try:
+        assert link.attach(1, "uart0") == Status.OK
+        assert link.attach(2, "uart0") == Status.OK
+        vm1.start()
+        with arrived:
+            assert arrived.wait_for(lambda: 1 in got, 10), "VM 1's request never arrived"
+        vm2.start()
+        with arrived:
+            assert arrived.wait_for(lambda: 2 in got, 10), "VM 2's request never arrived"
+        wait_until(lambda: link._waiters, "VM 2's caller to wait as a follower")
+        answer_vm2.set()
+        vm2.join(10)
+        # VM 2 is answered while VM 1's answer has not even been sent.
+        assert not vm2.is_alive() and answers.get(2) == (Status.OK, 0x42), answers
+        assert vm1.is_alive() and 1 not in answers
+        answer_vm1.set()
+        vm1.join(10)
+        assert answers.get(1) == (Status.OK, 0x41)
+    finally:
+        answer_vm1.set()
+        answer_vm2.set()
+        link.close()
+        listener.close()
+        vm1.join(5)
+        vm2.join(5)

@@ -286,6 +286,10 @@ class Session:
         if isinstance(ev, vu.RegionWrite):
             if not self._region_write(ev.region, ev.offset, ev.data):
                 return conn.error_reply(ev, vu.EINVAL)
+            if ev.no_reply and ev.region in self._bar_sizes:
+                # Counted here too: the fast path passes over reads it cannot take
+                # whole (a message cut by the socket), and their writes come here.
+                self.unanswered += 1
             return conn.reply(ev, vu.REGION_ACCESS.pack(ev.offset, ev.region, ev.count))
         if isinstance(ev, vu.SetIrqs):
             errno = self._set_irqs(ev)

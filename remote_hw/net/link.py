@@ -518,6 +518,12 @@ class ServerLink:
                         other = self._pending.pop(f.request_id, None)
                         if other is not None:
                             other.status, other.value, other.done = f.status, f.data, True
+                            # Its caller may already wait on the condition (it sent while
+                            # the C path read): wake it, or it sleeps until this leader
+                            # is done, which for a forwarded call can be a whole timeout.
+                            if self._waiters:
+                                with self._cond:
+                                    self._cond.notify_all()
                         elif f.request_id & POST_ID_BIT:
                             self._post_failed(f)
                     self._dispatch()
@@ -653,6 +659,9 @@ class ServerLink:
                 if slot is not None:
                     slot.status = Status.DEVICE_ERROR
                     slot.done = True
+                    if self._waiters:  # its caller may be waiting as a follower
+                        with self._cond:
+                            self._cond.notify_all()
             elif cls is m.Ping:
                 self._send_quiet(m.Pong(nonce=ev.nonce))
             # Pong and anything else a client may receive: nothing to do.

@@ -232,8 +232,13 @@ def test_silent_connections_are_refused_and_closed_and_others_get_in():
     --max-per-peer they are refused at once with an ERROR and cost no thread; the
     admitted ones are closed at the handshake deadline; a client from another
     address connects meanwhile; the log does not grow a line per connection."""
+    # The deadline is long enough that the 40 admitted ones are still held when the
+    # 1001st comes (on one slow CPU, making 1,000 connections took over 3 s, and the
+    # late one was admitted in a freed place instead of refused).
+    handshake = 8
     proc, port = start_server("rtc0=cmos-rtc", extra=(
-        "--max-per-peer", "40", "--max-connections", "100", "--handshake-timeout", "3"))
+        "--max-per-peer", "40", "--max-connections", "100",
+        "--handshake-timeout", str(handshake)))
     pid = proc.p.pid
     socks: list[socket.socket] = []
     try:
@@ -254,21 +259,25 @@ def test_silent_connections_are_refused_and_closed_and_others_get_in():
         # Another address gets in while the silent ones are held.
         c = RawClient(port, name="ok", timeout=TIMEOUT)
         assert c.attach(1, "rtc0", timeout=TIMEOUT).status == 0
-        # The 40 admitted silent ones are closed at the deadline, with an ERROR.
+        # The 40 admitted silent ones are closed at the deadline, with an ERROR; the
+        # refused ones were closed at once. A socket still open past the deadline
+        # (a timeout here) is not counted as closed.
         closed = 0
         for s in socks:
-            s.settimeout(6.0)
+            s.settimeout(handshake + 20.0)
             try:
                 data = s.recv(4096)
                 while data:
                     data = s.recv(4096)
                 closed += 1
-            except OSError:
+            except TimeoutError:
+                pass
+            except OSError:   # reset: closed with data unread
                 closed += 1
         assert closed == len(socks)
         # Each closed with a line, rate-limited with a count (a flood of them must not
         # flood the log).
-        assert 1 <= _count(proc, "no HELLO within 3 s") <= 12
+        assert 1 <= _count(proc, f"no HELLO within {handshake} s") <= 12
         assert _count(proc, "refused: too many connections") <= 12   # rate-limited
         assert c.io(1, "rtc0", 1, timeout=TIMEOUT).status == 0      # still served
     finally:

@@ -314,13 +314,16 @@ def test_a_backend_that_cannot_open_fails_only_that_attach():
         taken.close()
 
 
-def test_an_answer_the_leaders_first_read_takes_wakes_its_waiting_caller(monkeypatch):
+@pytest.mark.parametrize("answer", ["feedback", "error"])
+def test_an_answer_the_leaders_first_read_takes_wakes_its_waiting_caller(monkeypatch,
+                                                                         answer):
     """Two VMs' accesses on one link: VM 1's caller leads (it sent first and reads), VM
     2's caller waits as a follower. The leader's *first* read of its call brings VM 2's
     answer, not its own. It must wake VM 2's caller at once; it used to leave it asleep
     until the leader's own call ended, which for an access an entry server forwards to
     a stopped server is a whole timeout (tests/test_forwarding.py caught this on a
-    loaded machine). The read slice is made long so that the first read is the one
+    loaded machine). ``error``: the answer is an ERROR naming VM 2's request, which
+    had the same flaw. The read slice is made long so that the first read is the one
     that takes VM 2's answer; the order is forced, not timed."""
     from remote_hw.net import link as link_mod
     monkeypatch.setattr(link_mod, "READ_SLICE", 5.0)
@@ -361,8 +364,14 @@ def test_an_answer_the_leaders_first_read_takes_wakes_its_waiting_caller(monkeyp
             for vm, event in ((2, answer_vm2), (1, answer_vm1)):
                 if vm not in answered and vm in got and event.is_set():
                     answered.add(vm)
-                    sock.sendall(conn.send(m.Feedback(request_id=got[vm], vm_id=vm,
-                                                      client_id=1, size=1, data=0x40 + vm)))
+                    if vm == 2 and answer == "error":
+                        reply: m.Message = m.Error(request_id=got[vm],
+                                                   code=m.ErrorCode.INTERNAL,
+                                                   text="the device failed")
+                    else:
+                        reply = m.Feedback(request_id=got[vm], vm_id=vm, client_id=1,
+                                           size=1, data=0x40 + vm)
+                    sock.sendall(conn.send(reply))
         sock.close()
 
     srv = threading.Thread(target=server, daemon=True)
@@ -386,7 +395,8 @@ def test_an_answer_the_leaders_first_read_takes_wakes_its_waiting_caller(monkeyp
         answer_vm2.set()
         vm2.join(10)
         # VM 2 is answered while VM 1's answer has not even been sent.
-        assert not vm2.is_alive() and answers.get(2) == (Status.OK, 0x42), answers
+        vm2_answer = (Status.OK, 0x42) if answer == "feedback" else (Status.DEVICE_ERROR, 0)
+        assert not vm2.is_alive() and answers.get(2) == vm2_answer, answers
         assert vm1.is_alive() and 1 not in answers
         answer_vm1.set()
         vm1.join(10)

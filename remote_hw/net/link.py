@@ -519,8 +519,9 @@ class ServerLink:
                         if other is not None:
                             other.status, other.value, other.done = f.status, f.data, True
                             # Its caller may already wait on the condition (it sent while
-                            # the C path read): wake it, or it sleeps until this leader
-                            # is done, which for a forwarded call can be a whole timeout.
+                            # this first read was under way, on either path): wake it, or
+                            # it sleeps until this leader is done, which for a forwarded
+                            # call can be a whole timeout.
                             if self._waiters:
                                 with self._cond:
                                     self._cond.notify_all()

@@ -517,14 +517,7 @@ class ServerLink:
                     if f is not None:  # someone else's: put it where it belongs
                         other = self._pending.pop(f.request_id, None)
                         if other is not None:
-                            other.status, other.value, other.done = f.status, f.data, True
-                            # Its caller may already wait on the condition (it sent while
-                            # this first read was under way, on either path): wake it, or
-                            # it sleeps until this leader is done, which for a forwarded
-                            # call can be a whole timeout.
-                            if self._waiters:
-                                with self._cond:
-                                    self._cond.notify_all()
+                            self._answer(other, f.status, f.data)
                         elif f.request_id & POST_ID_BIT:
                             self._post_failed(f)
                     self._dispatch()
@@ -606,6 +599,16 @@ class ServerLink:
                 pass
         self._down(f"protocol error from the server: {e}")
 
+    def _answer(self, slot: _Slot, status: int, value: int) -> None:
+        """Complete another caller's request and wake it. Its caller may already wait
+        on the condition as a follower (it sent while this thread led the reading):
+        without the wake-up it sleeps until the leader's own call ends, which for a
+        forwarded call can be a whole timeout."""
+        slot.status, slot.value, slot.done = status, value, True
+        if self._waiters:
+            with self._cond:
+                self._cond.notify_all()
+
     def _dispatch(self) -> None:
         conn = self._conn
         pending = self._pending
@@ -614,7 +617,7 @@ class ServerLink:
             f = next_feedback()  # the common frame, without building a message object
             if f is not None:
                 slot = pending.pop(f.request_id, None)
-                if slot is not None:
+                if slot is not None:  # _answer(), inline: the common frame's path
                     slot.status, slot.value = f.status, f.data
                     slot.done = True
                     if self._waiters:
@@ -638,11 +641,7 @@ class ServerLink:
                     log.debug("server %s: late or unknown feedback %d", self.name,
                               ev.request_id)
                     continue
-                slot.status, slot.value = ev.status, ev.data
-                slot.done = True
-                if self._waiters:
-                    with self._cond:
-                        self._cond.notify_all()
+                self._answer(slot, ev.status, ev.data)
             elif cls is m.Shadow:
                 self._on_shadow(ev)
             elif cls is m.Interrupt:
@@ -658,11 +657,7 @@ class ServerLink:
                           getattr(ev.code, "name", ev.code), safe_text(ev.text))
                 slot = pending.pop(ev.request_id, None) if ev.request_id else None
                 if slot is not None:
-                    slot.status = Status.DEVICE_ERROR
-                    slot.done = True
-                    if self._waiters:  # its caller may be waiting as a follower
-                        with self._cond:
-                            self._cond.notify_all()
+                    self._answer(slot, Status.DEVICE_ERROR, 0)
             elif cls is m.Ping:
                 self._send_quiet(m.Pong(nonce=ev.nonce))
             # Pong and anything else a client may receive: nothing to do.

@@ -257,7 +257,13 @@ def test_more_writes_than_the_ring_holds():
         ring = vm._vt.coalesced
         assert ring is not None and ring.delivered < n
     assert written(log, "c") == counting(n)
-    assert log[-3:] == [DRAIN, ("f", "w", 0, 1, n & 0xFF), ("f", "r", 0, 1)]
+    # Every coalesced write reaches the bus before the fence does. Whether a drain
+    # comes right before the fence depends on where the ring's fill stood: the last
+    # write may have found it full and exited itself (an exit of another kind, which
+    # the host may cause at any time, drains the ring and shifts that phase).
+    assert [e for e in log if e != DRAIN][-3:] == [("c", "w", 0, 1, (n - 1) & 0xFF),
+                                                   ("f", "w", 0, 1, n & 0xFF),
+                                                   ("f", "r", 0, 1)]
     drains = log.count(DRAIN)
     assert drains >= n // RING_ENTRIES
     # Between two drains at most one ring's worth plus the write that found it full.
